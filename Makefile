@@ -1,0 +1,48 @@
+# Two entry points (see README): `make demo` runs the main job end to end, `make test` runs the tests.
+# Both set up everything first: Debian packages (ffmpeg, espeak-ng) and the Python environment in .venv.
+PYTHON ?= python3.11
+VENV   ?= .venv
+WORK   ?= work
+BIN     = $(VENV)/bin
+export PYTHONHASHSEED = 0
+
+.PHONY: setup system-deps demo test bench clean
+
+setup: system-deps $(VENV)/.installed
+
+system-deps:
+	@missing=""; for tool in ffmpeg espeak-ng; do command -v $$tool >/dev/null || missing="$$missing $$tool"; done; \
+	if [ -n "$$missing" ]; then \
+	  if command -v apt-get >/dev/null && [ "$$(id -u)" = 0 ]; then \
+	    echo "installing Debian packages:$$missing"; \
+	    (apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq ffmpeg espeak-ng >/dev/null) || \
+	      { echo "error: apt-get could not install ffmpeg espeak-ng; install them and rerun"; exit 1; }; \
+	  else \
+	    echo "error: missing$$missing. Install them (Debian/Ubuntu: sudo apt-get install -y ffmpeg espeak-ng) and rerun"; exit 1; \
+	  fi; \
+	fi
+
+$(VENV)/.installed: pyproject.toml
+	@command -v $(PYTHON) >/dev/null || { echo "error: $(PYTHON) not found; install Python 3.11 or pass PYTHON=/path/to/python3.11"; exit 1; }
+	$(PYTHON) -m venv $(VENV)
+	$(BIN)/pip install -q --upgrade pip
+	# torch first, pinned: the CPU build (a CUDA build would be several GB)
+	$(BIN)/pip install -q torch==2.13.0
+	$(BIN)/pip install -q -e '.[test]'
+	touch $@
+
+# The main job: demo corpus -> shards -> UME -> UME-MMA (+ baselines) -> results table and plot.
+demo: setup
+	$(BIN)/pipeline make-demo av_digits --out $(WORK)/raw/av_digits
+	$(BIN)/pipeline build-shards av_digits --src $(WORK)/raw/av_digits --out $(WORK)/shards --size 64 --n-mels 64
+	$(BIN)/python trainer/launch.py --config trainer/configs/av_digits.toml --set ray.storage_path=$(abspath $(WORK))/runs
+	@echo "results: $(WORK)/results/av_digits/results.md"
+
+test: setup
+	$(BIN)/python -m pytest -q tests
+
+bench: setup
+	$(BIN)/python benchmarks/build.py --out $(WORK)/bench
+
+clean:
+	rm -rf $(WORK)

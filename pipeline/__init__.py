@@ -1,0 +1,1 @@
+"""Offline preprocessing: dataset adapters, decoding, encoding and the parallel shard build."""

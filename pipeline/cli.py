@@ -1,0 +1,146 @@
+"""The `pipeline` command: make the demo corpus, build shards, verify and inspect them."""
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+from pathlib import Path
+
+from pipeline.datasets import ADAPTERS, SourceError
+from shards.format import FormatError
+
+log = logging.getLogger("pipeline")
+
+
+class UsageError(Exception):
+    """A problem the user fixes by changing the command line; printed without a traceback, exit 2."""
+
+
+def _cmd_make_demo(args: argparse.Namespace) -> int:
+    from pipeline.demo import make_demo
+
+    if args.dataset != "av_digits":
+        raise UsageError(f"unknown demo corpus {args.dataset!r}; the only demo is av_digits")
+    summary = make_demo(Path(args.out), n_train=args.n_train, n_val=args.n_val, n_test=args.n_test,
+                        seed=args.seed, workers=args.workers, progress=not args.quiet)
+    log.info("demo corpus written to %s: %s", args.out, summary)
+    return 0
+
+
+def _cmd_build_shards(args: argparse.Namespace) -> int:
+    from pipeline.build import BuildOptions, build_shards
+
+    src = Path(args.src)
+    if not src.is_dir():
+        raise UsageError(f"--src {src} does not exist or is not a directory; pass the raw corpus root")
+    opts = BuildOptions(frames=args.frames, fps=args.fps, size=args.size, jpeg_quality=args.jpeg_quality,
+                        sample_rate=args.sample_rate, audio_codec=args.audio_codec, shard_size=args.shard_size,
+                        n_mels=args.n_mels, n_fft=args.n_fft, win_length=args.win_length,
+                        hop_length=args.hop_length)
+    info = build_shards(args.dataset, src, Path(args.out), opts, workers=args.workers,
+                        use_ray=args.ray is not None, ray_address=args.ray or None,
+                        progress=not args.quiet, classes_file=Path(args.classes) if args.classes else None)
+    for split, counts in info.splits.items():
+        print(f"{split}: {counts['samples']} samples, {counts['rejected']} rejected, "
+              f"{counts['samples'] - counts['has_audio']} without audio")
+    return 0
+
+
+def _cmd_verify(args: argparse.Namespace) -> int:
+    from shards.verify import verify_dataset
+
+    problems = verify_dataset(Path(args.dataset_dir), decode=not args.no_decode, progress=not args.quiet)
+    for problem in problems:
+        print(f"FAIL {problem}")
+    if problems:
+        print(f"{len(problems)} problem(s) in {args.dataset_dir}; rebuild the named shards "
+              f"(delete them and their .build part files, then rerun build-shards)")
+        return 1
+    print(f"OK {args.dataset_dir}: checksums, index, manifest and every member agree")
+    return 0
+
+
+def _cmd_inspect(args: argparse.Namespace) -> int:
+    from shards.verify import inspect_dataset
+
+    print(inspect_dataset(Path(args.dataset_dir)))
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="pipeline",
+        description="Turn raw audio-visual corpora into sharded WebDataset tar datasets for UME-MMA training.",
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    parser.add_argument("-q", "--quiet", action="store_true", help="no progress bars, warnings only")
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    demo = sub.add_parser("make-demo", help="write the av_digits demo corpus (offline, deterministic)",
+                          description="Write the av_digits demo corpus: MNIST digits in H.264 clips with the "
+                                      "spoken digit (espeak-ng, unseen voices in test) as AAC audio.",
+                          formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    demo.add_argument("dataset", help="demo corpus name (av_digits)")
+    demo.add_argument("--out", required=True, help="directory to write the raw corpus to")
+    demo.add_argument("--n-train", type=int, default=3000)
+    demo.add_argument("--n-val", type=int, default=500)
+    demo.add_argument("--n-test", type=int, default=1000)
+    demo.add_argument("--seed", type=int, default=0)
+    demo.add_argument("--workers", type=int, default=None, help="processes (default: all cores)")
+    demo.set_defaults(func=_cmd_make_demo)
+
+    build = sub.add_parser("build-shards", help="decode a raw corpus into tar shards + manifest",
+                           description="Decode a raw corpus (its public release's layout) into WebDataset tar "
+                                       "shards with DALI indexes, manifest.parquet, rejects.parquet and "
+                                       "dataset.json under OUT/<dataset>. Rerunning resumes an interrupted build.",
+                           formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    build.add_argument("dataset", help=f"dataset adapter: {', '.join(sorted(ADAPTERS))}")
+    build.add_argument("--src", required=True, help="root of the raw corpus")
+    build.add_argument("--out", required=True, help="output root; shards go to OUT/<dataset>")
+    build.add_argument("--frames", type=int, default=3, help="frames kept per clip")
+    build.add_argument("--fps", type=float, default=1.0, help="rate of the kept frames (spread evenly if the clip is shorter)")
+    build.add_argument("--size", type=int, default=256, help="short side of stored frames in pixels (never upscaled)")
+    build.add_argument("--jpeg-quality", type=int, default=90)
+    build.add_argument("--sample-rate", type=int, default=16000, help="audio sample rate (mono)")
+    build.add_argument("--audio-codec", choices=["wav", "flac"], default="wav")
+    build.add_argument("--shard-size", type=int, default=256, help="samples per tar shard")
+    build.add_argument("--n-mels", type=int, default=128, help="mel bins the loaders compute (recorded in dataset.json)")
+    build.add_argument("--n-fft", type=int, default=512)
+    build.add_argument("--win-length", type=int, default=400)
+    build.add_argument("--hop-length", type=int, default=160)
+    build.add_argument("--workers", type=int, default=None, help="local worker processes (default: all cores)")
+    build.add_argument("--ray", nargs="?", const="", default=None, metavar="ADDRESS",
+                       help="run shard tasks on a Ray cluster (address, or empty for RAY_ADDRESS/local); "
+                            "--out must be storage every node sees")
+    build.add_argument("--classes", default=None, help="kinetics_sound: file with the class names to keep")
+    build.set_defaults(func=_cmd_build_shards)
+
+    verify = sub.add_parser("verify", help="check checksums, index, manifest and that every member decodes",
+                            formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    verify.add_argument("dataset_dir", help="OUT/<dataset>")
+    verify.add_argument("--no-decode", action="store_true", help="skip decoding members (checksums and index only)")
+    verify.set_defaults(func=_cmd_verify)
+
+    inspect = sub.add_parser("inspect", help="counts per split and class, missing-modality rates, sizes")
+    inspect.add_argument("dataset_dir", help="OUT/<dataset>")
+    inspect.set_defaults(func=_cmd_inspect)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    logging.basicConfig(level=logging.WARNING if args.quiet else logging.INFO,
+                        format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    try:
+        return args.func(args)
+    except (UsageError, SourceError, FormatError) as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    except RuntimeError as exc:
+        if "apt-get install" in str(exc):
+            print(f"error: {exc}", file=sys.stderr)
+            return 2
+        raise
+
+
+if __name__ == "__main__":
+    sys.exit(main())

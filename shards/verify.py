@@ -1,0 +1,136 @@
+"""`pipeline verify` and `pipeline inspect`: check a built dataset and summarise it."""
+from __future__ import annotations
+
+import io
+import json
+import tarfile
+from collections import Counter
+from pathlib import Path
+
+import numpy as np
+import pyarrow.parquet as pq
+from PIL import Image
+from tqdm import tqdm
+
+from shards.format import FormatError, read_dataset_info, read_index
+from shards.writer import sha256_file
+
+
+def _tar_index(tar_path: Path) -> list[tuple[str, dict[str, tuple[int, int]]]]:
+    """Index of a tar computed from its headers, in the shape `read_index` returns."""
+    samples: list[tuple[str, dict[str, tuple[int, int]]]] = []
+    with tarfile.open(tar_path) as tar:
+        for member in tar:
+            if not member.isfile():
+                continue
+            base = member.name.rsplit("/", 1)[-1]
+            key, _, ext = base.partition(".")
+            if not samples or samples[-1][0] != key:
+                samples.append((key, {}))
+            samples[-1][1][ext] = (member.offset_data, member.size)
+    return samples
+
+
+def _decode_member(ext: str, data: bytes) -> None:
+    """Raise if a member does not decode."""
+    from pipeline.encode import decode_audio_member
+
+    if ext.endswith("jpg"):
+        with Image.open(io.BytesIO(data)) as image:
+            image.load()
+    elif ext in ("wav", "flac"):
+        if len(decode_audio_member(data)) == 0:
+            raise ValueError("audio member holds no samples")
+    elif ext.endswith("npy"):
+        np.load(io.BytesIO(data), allow_pickle=False)
+    elif ext == "json":
+        json.loads(data)
+    elif ext == "cls":
+        [int(x) for x in data.decode().split(",")]
+
+
+def verify_dataset(dataset_dir: Path, decode: bool = True, progress: bool = True) -> list[str]:
+    """All problems found, each naming the shard (and key); empty when the dataset is sound."""
+    info = read_dataset_info(dataset_dir)
+    problems: list[str] = []
+    manifest_path = dataset_dir / "manifest.parquet"
+    if not manifest_path.is_file():
+        raise FormatError(f"{manifest_path} not found; rebuild with `pipeline build-shards`")
+    manifest = pq.read_table(manifest_path, columns=["key", "shard"]).to_pylist()
+    by_shard: dict[str, list[str]] = {}
+    for row in manifest:
+        by_shard.setdefault(row["shard"], []).append(row["key"])
+    listed = {s.path for s in info.shards}
+    for shard in sorted(set(by_shard) - listed):
+        problems.append(f"{shard}: in manifest.parquet but not in dataset.json")
+    for shard in tqdm(info.shards, desc="verify", unit="shard", disable=not progress):
+        tar_path = dataset_dir / shard.path
+        if not tar_path.is_file():
+            problems.append(f"{shard.path}: shard file missing")
+            continue
+        if sha256_file(tar_path) != shard.sha256:
+            problems.append(f"{shard.path}: sha256 differs from dataset.json (file changed or corrupt)")
+        idx_path = tar_path.with_suffix(".idx")
+        try:
+            index = read_index(idx_path)
+            actual = _tar_index(tar_path)
+        except (OSError, FormatError, tarfile.TarError, ValueError) as exc:
+            problems.append(f"{shard.path}: cannot read tar or index ({exc})")
+            continue
+        if index != actual:
+            bad = next((k for (k, m), (k2, m2) in zip(index, actual) if (k, m) != (k2, m2)), "?")
+            problems.append(f"{shard.path}: index {idx_path.name} disagrees with the tar (first at key {bad})")
+        keys = [k for k, _ in actual]
+        if len(keys) != shard.samples:
+            problems.append(f"{shard.path}: {len(keys)} samples, dataset.json says {shard.samples}")
+        if sorted(keys) != sorted(by_shard.get(shard.path, [])):
+            extra = sorted(set(keys) ^ set(by_shard.get(shard.path, [])))[:3]
+            problems.append(f"{shard.path}: keys differ from manifest.parquet (e.g. {extra})")
+        if decode:
+            problems.extend(_decode_shard(tar_path, shard.path, actual))
+    return problems
+
+
+def _decode_shard(tar_path: Path, name: str, index: list[tuple[str, dict[str, tuple[int, int]]]]) -> list[str]:
+    problems = []
+    with open(tar_path, "rb") as f:
+        blob = f.read()
+    for key, members in index:
+        for ext, (offset, size) in members.items():
+            try:
+                _decode_member(ext, blob[offset:offset + size])
+            except Exception as exc:  # any decoder failure is a finding, never a crash of verify
+                problems.append(f"{name}: key {key} member .{ext} does not decode ({type(exc).__name__}: {exc})")
+    return problems
+
+
+def inspect_dataset(dataset_dir: Path) -> str:
+    """A plain-text summary: per split counts, missing-modality rates, class histogram, sizes, rejects."""
+    info = read_dataset_info(dataset_dir)
+    manifest = pq.read_table(dataset_dir / "manifest.parquet").to_pylist()
+    rejects = pq.read_table(dataset_dir / "rejects.parquet").to_pylist() if (dataset_dir / "rejects.parquet").is_file() else []
+    lines = [f"dataset {info.dataset} (format v{info.format_version}) at {dataset_dir}",
+             f"modalities: {', '.join(info.modalities)}; {info.num_classes} classes",
+             f"frames: {info.visual.get('frames')} x short side {info.visual.get('short_side')} px JPEG; "
+             f"audio: {info.audio.get('sample_rate')} Hz {info.audio.get('codec')}, median {info.audio.get('seconds')} s",
+             "", f"{'split':<8}{'samples':>9}{'shards':>8}{'MiB':>9}{'no visual':>11}{'no audio':>10}{'rejected':>10}"]
+    for split, counts in info.splits.items():
+        shards = info.shards_of(split)
+        mib = sum(s.bytes for s in shards) / 2**20
+        n = max(counts["samples"], 1)
+        lines.append(f"{split:<8}{counts['samples']:>9}{len(shards):>8}{mib:>9.1f}"
+                     f"{(counts['samples'] - counts['has_visual']) / n:>10.1%}"
+                     f"{(counts['samples'] - counts['has_audio']) / n:>10.1%}{counts['rejected']:>10}")
+    lines += ["", "samples per class and split:"]
+    per = Counter((r["label_name"], r["split"]) for r in manifest)
+    splits = list(info.splits)
+    lines.append(f"{'class':<28}" + "".join(f"{s:>8}" for s in splits))
+    for name in info.classes:
+        lines.append(f"{name[:27]:<28}" + "".join(f"{per[(name, s)]:>8}" for s in splits))
+    if rejects:
+        lines += ["", "rejects by stage and reason:"]
+        for (stage, reason), n in Counter((r["stage"], r["reason"].split(" (")[0]) for r in rejects).most_common(10):
+            lines.append(f"{n:>6}  {stage}: {reason}")
+    return "\n".join(lines)
+
+
