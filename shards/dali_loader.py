@@ -1,0 +1,245 @@
+"""The DALI loader: one `@pipeline_def` for audio-visual shards with missing-modality masks fused in.
+
+Per sample, the pipeline decides which modalities are present (natural missingness from empty members,
+then the training augmentation or the evaluation scenario) and only decodes those: a dropped modality
+takes the `else` branch, which yields zeros without touching its bytes. With a GPU, JPEGs are decoded by
+nvJPEG (`mixed`) and the spectrogram, mel filter bank and decibels run on the GPU; without one
+(`device_id=None`) everything runs on the CPU."""
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+from typing import Iterator
+
+import numpy as np
+import torch
+from nvidia.dali import Pipeline, fn, pipeline_def, types
+from nvidia.dali.pipeline import do_not_convert
+from nvidia.dali.backend import TensorListCPU
+
+from shards.features import DB_OFFSET, DB_SCALE, AudioParams, VisualParams
+from shards.format import DatasetInfo, NPY_HEADER_BYTES, frame_member
+from shards.samples import SampleRef, shard_range
+from shards.scenarios import DropSpec
+
+log = logging.getLogger(__name__)
+READER = "reader"
+
+
+class DecodeFailure(RuntimeError):
+    """A shard member that no longer decodes; names the shard file and the sample key."""
+
+
+@pipeline_def(enable_conditionals=True)
+def audio_visual_pipeline(tars: list[str], idxs: list[str], modalities: list[str], visual: VisualParams,
+                          audio: AudioParams, audio_ext: str, gpu: bool, train: bool, shard_id: int,
+                          num_shards: int, rng_seed: int, augment: DropSpec | None, eval_keep: np.ndarray | None,
+                          label_dtype: types.DALIDataType):
+    """Frames [T, 3, H, W], log-mel [1, n_mels, n_frames], label payload and present flags per sample."""
+    frame_exts = [frame_member(i) for i in range(visual.frames)]
+    members = fn.readers.webdataset(
+        paths=tars, index_paths=idxs, ext=frame_exts + [audio_ext, "label.npy"],
+        missing_component_behavior="empty", dtypes=[types.UINT8] * (visual.frames + 1) + [label_dtype],
+        random_shuffle=train, initial_fill=256, seed=rng_seed, shard_id=shard_id, num_shards=num_shards,
+        pad_last_batch=not train, stick_to_shard=True, name=READER)
+    jpegs, wav, label = members[:visual.frames], members[visual.frames], members[visual.frames + 1]
+
+    has_visual = jpegs[0].shape()[0] > 0
+    has_audio = wav.shape()[0] > 0
+    keep_visual, keep_audio = _keep_flags(modalities, train, augment, eval_keep, rng_seed)
+    use_visual = has_visual & keep_visual
+    use_audio = has_audio & keep_audio
+    if train:  # never drop everything a sample has
+        nothing = (use_visual | use_audio) == False  # noqa: E712 (DALI node comparison)
+        use_visual = use_visual | (nothing & has_visual)
+        use_audio = use_audio | (nothing & has_audio)
+
+    if use_visual:
+        decoded = [fn.decoders.image(j, device="mixed" if gpu else "cpu", output_type=types.RGB) for j in jpegs]
+        clip = fn.stack(*decoded, axis_name="F")
+        if train:
+            clip = fn.random_resized_crop(clip, size=[visual.crop, visual.crop], random_area=[0.35, 1.0], seed=rng_seed + 1)
+            mirror = fn.random.coin_flip(probability=0.5, seed=rng_seed + 2)
+        else:
+            clip = fn.resize(clip, resize_shorter=visual.crop, antialias=True)
+            mirror = 0
+        frames = fn.crop_mirror_normalize(
+            clip, crop=[visual.crop, visual.crop], mirror=mirror, dtype=types.FLOAT, output_layout="FCHW",
+            mean=[255.0 * m for m in visual.mean], std=[255.0 * s for s in visual.std])
+    else:
+        frames = fn.constant(fdata=0.0, shape=[visual.frames, 3, visual.crop, visual.crop], dtype=types.FLOAT)
+        frames = frames.gpu() if gpu else frames
+
+    if use_audio:
+        signal = fn.decoders.audio(wav, dtype=types.FLOAT, downmix=True, sample_rate=audio.sample_rate)[0]
+        signal = fn.slice(signal, 0, audio.n_samples, axes=[0], out_of_bounds_policy="pad", fill_values=0.0)
+        signal = signal.gpu() if gpu else signal
+        spec = fn.spectrogram(signal, nfft=audio.n_fft, window_length=audio.win_length,
+                              window_step=audio.hop_length, center_windows=True, reflect_padding=True, power=2)
+        mel = fn.mel_filter_bank(spec, sample_rate=audio.sample_rate, nfilter=audio.n_mels,
+                                 freq_high=audio.sample_rate / 2.0, normalize=True, mel_formula="slaney")
+        db = fn.to_decibels(mel, multiplier=10.0, reference=1.0, cutoff_db=-audio.db_cutoff)
+        logmel = fn.expand_dims((db + DB_OFFSET) / DB_SCALE, axes=[0])
+    else:
+        logmel = fn.constant(fdata=0.0, shape=[1, audio.n_mels, audio.n_frames], dtype=types.FLOAT)
+        logmel = logmel.gpu() if gpu else logmel
+
+    present = fn.stack(*[fn.cast(use_visual if m == "visual" else use_audio, dtype=types.UINT8) for m in modalities])
+    return frames, logmel, label, present
+
+
+def _keep_flags(modalities: list[str], train: bool, augment: DropSpec | None, eval_keep: np.ndarray | None,
+                seed: int):
+    """Per-sample keep flags: random draws in training, the scenario's mask (fed in order) in evaluation."""
+    if eval_keep is not None:
+        keep = fn.external_source(source=_cycle_batches(eval_keep), dtype=types.UINT8, ndim=1, batch=True)
+        flags = [fn.cast(keep[i], dtype=types.BOOL) for i in range(len(modalities))]
+    elif train and augment is not None and augment.active:
+        if augment.scheme == "drop_one":
+            choice = fn.random.choice(len(modalities) + 1, p=augment.choice_probs(modalities), seed=seed + 3)
+            flags = [choice != i + 1 for i in range(len(modalities))]
+        else:
+            flags = [fn.cast(fn.random.coin_flip(probability=1.0 - augment.probs.get(m, 0.0), seed=seed + 4 + i),
+                             dtype=types.BOOL) for i, m in enumerate(modalities)]
+    else:
+        return True, True
+    by_name = dict(zip(modalities, flags))
+    return by_name.get("visual", True), by_name.get("audio", True)
+
+
+@do_not_convert
+def _cycle_batches(rows: np.ndarray):
+    """The evaluation keep-mask in reader order, batch by batch, padded like the reader's last batch."""
+    batch_size = Pipeline.current().max_batch_size
+    rows = rows.astype(np.uint8)
+
+    def source():
+        while True:
+            for start in range(0, len(rows), batch_size):
+                part = list(rows[start:start + batch_size])
+                yield part + [part[-1]] * (batch_size - len(part))
+
+    return source
+
+
+class DaliLoader:
+    """Iterates batches of one worker's part of a split, as dicts of torch tensors (see DESIGN.md)."""
+
+    def __init__(self, info: DatasetInfo, refs: list[SampleRef], batch_size: int, *, device: str, train: bool,
+                 augment: DropSpec | None, eval_keep: np.ndarray | None, shard_id: int, num_shards: int,
+                 seed: int, epoch: int, crop: int | None, num_threads: int, device_id: int | None) -> None:
+        self.info = info
+        self.batch_size = batch_size
+        self.train = train
+        self.gpu = device == "gpu"
+        self.epoch = epoch
+        self.batches_done = 0
+        self.modalities = list(info.modalities)
+        self._refs = refs
+        self._range = shard_range(len(refs), shard_id, num_shards)
+        self._visual = VisualParams.from_info(info.visual, crop)
+        self._audio = AudioParams.from_info(info.audio)
+        self._multilabel = info.multilabel
+        self._kwargs = dict(
+            tars=sorted({r.tar for r in refs}, key=[r.tar for r in refs].index),
+            modalities=self.modalities, visual=self._visual, audio=self._audio,
+            audio_ext=info.audio.get("codec", "wav"), gpu=self.gpu, train=train, shard_id=shard_id,
+            num_shards=num_shards, rng_seed=seed * 1000 + shard_id, augment=augment,
+            eval_keep=None if eval_keep is None else eval_keep[self._range.start:self._range.stop],
+            label_dtype=types.FLOAT if info.multilabel else types.INT64)
+        self._kwargs["idxs"] = [str(Path(t).with_suffix(".idx")) for t in self._kwargs["tars"]]
+        self._num_threads = num_threads
+        self._device_id = device_id if self.gpu else None
+        self._pipe = None
+        self._checkpoint: str | None = None
+
+    def __len__(self) -> int:
+        n = len(self._range)
+        return max(1, n // self.batch_size) if self.train and n else -(-n // self.batch_size)
+
+    def _build(self) -> None:
+        self._pipe = audio_visual_pipeline(
+            **self._kwargs, batch_size=self.batch_size, num_threads=self._num_threads, device_id=self._device_id,
+            seed=self._kwargs["rng_seed"], enable_checkpointing=True, checkpoint=self._checkpoint,
+            prefetch_queue_depth=2, exec_dynamic=True)
+        self._pipe.build()
+
+    def state_dict(self) -> dict:
+        """Epoch, batches consumed and the DALI checkpoint (reader position and random state)."""
+        state = {"epoch": self.epoch, "batches_done": self.batches_done}
+        if self._pipe is not None:
+            state["dali_checkpoint"] = self._pipe.checkpoint()
+        return state
+
+    def load_state_dict(self, state: dict) -> None:
+        self.epoch, self.batches_done = state["epoch"], state["batches_done"]
+        self._checkpoint = state.get("dali_checkpoint")
+        self._pipe = None
+
+    def set_epoch(self, epoch: int) -> None:
+        if epoch != self.epoch:
+            self.epoch, self.batches_done = epoch, 0
+
+    def __iter__(self) -> Iterator[dict]:
+        if self._pipe is None:
+            self._build()
+        n = len(self._range)
+        total = len(self)
+        while self.batches_done < total:
+            start = self.batches_done * self.batch_size
+            count = min(self.batch_size, n - start)
+            try:
+                frames, logmel, label, present = self._pipe.run()
+            except RuntimeError as exc:
+                raise DecodeFailure(self._locate_failure(exc)) from exc
+            keys = [_key_of(frames_src) for frames_src in _source_infos(label)]
+            if not self.train:
+                expected = [self._refs[self._range[start + i]].key for i in range(count)]
+                if keys[:count] != expected:
+                    raise RuntimeError(f"DALI reader order differs from the index order at batch {self.batches_done}: "
+                                       f"{keys[:3]} vs {expected[:3]}")
+            self.batches_done += 1
+            yield self._to_batch(frames, logmel, label, present, keys, count)
+        self.epoch += 1
+        self.batches_done = 0
+
+    def _to_batch(self, frames, logmel, label, present, keys: list[str], count: int) -> dict:
+        as_np = lambda tl: (tl.as_cpu() if not isinstance(tl, TensorListCPU) else tl).as_array()  # noqa: E731
+        labels = as_np(label)
+        payload = NPY_HEADER_BYTES // labels.dtype.itemsize
+        labels = labels[:, payload:]
+        batch = {
+            "visual": torch.from_numpy(as_np(frames)[:count]),
+            "audio": torch.from_numpy(as_np(logmel)[:count]),
+            "present": torch.from_numpy(as_np(present)[:count].astype(bool)),
+            "label": torch.from_numpy(labels[:count] if self._multilabel else labels[:count, 0].astype(np.int64)),
+            "key": keys[:count],
+        }
+        return {m: batch[m] for m in ("visual", "audio", "text", "present", "label", "key") if m in batch}
+
+    def _locate_failure(self, exc: Exception) -> str:
+        """Name the shard and key of a member that does not decode (DALI stops the whole pipeline)."""
+        from shards.verify import _decode_member
+
+        for i in self._range:
+            ref = self._refs[i]
+            with open(ref.tar, "rb") as f:
+                for ext, (offset, size) in ref.members.items():
+                    f.seek(offset)
+                    data = f.read(size)
+                    try:
+                        _decode_member(ext, data)
+                    except Exception as err:  # the first member that fails is the culprit
+                        return (f"shard {ref.tar}: sample {ref.key} member .{ext} does not decode ({err}); "
+                                f"run `pipeline verify` and rebuild that shard")
+        return f"DALI pipeline failed and no member fails to decode on its own: {str(exc).splitlines()[0]}"
+
+
+def _source_infos(tensor_list) -> list[str]:
+    return [tensor_list[i].source_info() for i in range(len(tensor_list))]
+
+
+def _key_of(source_info: str) -> str:
+    """`/path/shard.tar:offset:key.ext` -> key."""
+    name = source_info.rsplit(":", 1)[-1]
+    return name.split(".", 1)[0]

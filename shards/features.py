@@ -1,0 +1,102 @@
+"""The decoding parameters both loaders share, and the torch reference of DALI's audio features.
+
+Audio: mono float in [-1, 1], cropped or zero-padded to `seconds`, power spectrogram (DALI's Hann window of
+`win_length` zero-padded to `n_fft`, hop `hop_length`, centred windows with reflect padding), Slaney mel
+filter bank (area-normalised), decibels floored at -`db_cutoff`, then scaled by fixed constants.
+Frames: RGB, resized so the short side is the crop size, centre crop (evaluation), ImageNet mean/std."""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+
+DB_OFFSET = 40.0  # log-mel (dB) -> (dB + DB_OFFSET) / DB_SCALE, so typical values lie in [-1, 2]
+DB_SCALE = 40.0
+
+
+@dataclass(frozen=True)
+class AudioParams:
+    sample_rate: int
+    seconds: float
+    n_mels: int
+    n_fft: int
+    win_length: int
+    hop_length: int
+    db_cutoff: float
+
+    @property
+    def n_samples(self) -> int:
+        return int(round(self.seconds * self.sample_rate))
+
+    @property
+    def n_frames(self) -> int:
+        return self.n_samples // self.hop_length + 1
+
+    @classmethod
+    def from_info(cls, audio: dict) -> "AudioParams":
+        return cls(audio["sample_rate"], audio["seconds"], audio["n_mels"], audio["n_fft"],
+                   audio["win_length"], audio["hop_length"], audio["db_cutoff"])
+
+
+@dataclass(frozen=True)
+class VisualParams:
+    frames: int
+    crop: int
+    mean: tuple[float, float, float]
+    std: tuple[float, float, float]
+
+    @classmethod
+    def from_info(cls, visual: dict, crop: int | None = None) -> "VisualParams":
+        return cls(visual["frames"], crop or visual["crop"], tuple(visual["mean"]), tuple(visual["std"]))
+
+
+def _hz_to_mel(f: np.ndarray) -> np.ndarray:
+    """Slaney mel scale: linear below 1 kHz, logarithmic above."""
+    f = np.asarray(f, dtype=np.float64)
+    mel = f / (200.0 / 3)
+    log_part = 15.0 + np.log(np.maximum(f, 1e-10) / 1000.0) / (np.log(6.4) / 27.0)
+    return np.where(f >= 1000.0, log_part, mel)
+
+
+def _mel_to_hz(m: np.ndarray) -> np.ndarray:
+    m = np.asarray(m, dtype=np.float64)
+    return np.where(m >= 15.0, 1000.0 * np.exp((np.log(6.4) / 27.0) * (m - 15.0)), m * (200.0 / 3))
+
+
+def mel_filters(sample_rate: int, n_fft: int, n_mels: int) -> np.ndarray:
+    """[n_mels, n_fft // 2 + 1] triangular Slaney filters, area-normalised (as DALI's normalize=True)."""
+    freqs = np.arange(n_fft // 2 + 1) * sample_rate / n_fft
+    edges = _mel_to_hz(np.linspace(_hz_to_mel(0.0), _hz_to_mel(sample_rate / 2.0), n_mels + 2))
+    lower, center, upper = edges[:-2, None], edges[1:-1, None], edges[2:, None]
+    up = (freqs[None] - lower) / (center - lower)
+    down = (upper - freqs[None]) / (upper - center)
+    weights = np.maximum(0.0, np.minimum(up, down))
+    weights *= (2.0 / (upper - lower))
+    return weights.astype(np.float32)
+
+
+def hann_window(length: int) -> torch.Tensor:
+    """The Hann window DALI's spectrogram uses: sin^2(pi (i + 0.5) / N), symmetric about the centre."""
+    return torch.sin(torch.pi * (torch.arange(length, dtype=torch.float64) + 0.5) / length).pow(2).float()
+
+
+def fit_length(audio: np.ndarray, n_samples: int) -> np.ndarray:
+    """Crop to, or zero-pad up to, exactly n_samples (from the start of the clip)."""
+    out = np.zeros(n_samples, dtype=np.float32)
+    n = min(n_samples, len(audio))
+    out[:n] = audio[:n]
+    return out
+
+
+def log_mel(audio: np.ndarray, p: AudioParams, filters: torch.Tensor | None = None) -> torch.Tensor:
+    """[1, n_mels, n_frames] normalised log-mel of float mono audio, matching the DALI pipeline."""
+    x = torch.from_numpy(fit_length(audio, p.n_samples))
+    window = hann_window(p.win_length)
+    spec = torch.stft(x, n_fft=p.n_fft, hop_length=p.hop_length, win_length=p.win_length, window=window,
+                      center=True, pad_mode="reflect", return_complex=True).abs().pow(2)
+    if filters is None:
+        filters = torch.from_numpy(mel_filters(p.sample_rate, p.n_fft, p.n_mels))
+    mel = filters @ spec
+    db = 10.0 * torch.log10(torch.clamp(mel, min=10.0 ** (-p.db_cutoff / 10.0)))
+    return ((db + DB_OFFSET) / DB_SCALE).unsqueeze(0)
