@@ -1,0 +1,314 @@
+"""Training configuration: typed dataclasses filled from a TOML file plus ``section.key=value`` overrides.
+
+One TOML file per dataset lives in ``trainer/configs/``. Relative paths in a config (``data.dataset_dir``,
+``model.pretrained.*``, ``ray.storage_path``) are relative to the current working directory of the
+process that loads it; stages resolve them to absolute paths before handing them to Ray workers.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import math
+import tomllib
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+MODALITIES = ("visual", "audio", "text")
+SCENARIO_KINDS = ("full", "missing", "rate")
+
+
+class ConfigError(ValueError):
+    """A config file or override that cannot be used; the message names the file, the key and the fix."""
+
+
+@dataclass
+class DataConfig:
+    """``[data]``: where the shards are and how the loader batches them."""
+
+    dataset_dir: str  # OUT/<dataset> of `pipeline build-shards` (holds dataset.json)
+    batch_size: int = 64  # per Ray worker
+    backend: str = "auto"  # "dali" | "torch" | "auto" (DALI when importable, else the torch loader)
+    num_workers: int = 4  # loader worker processes/threads per Ray worker
+    crop_size: int = 224  # square frame crop (random-resized in training, center in eval)
+
+
+@dataclass
+class ModelConfig:
+    """``[model]``: encoders per modality, their width and the fusion."""
+
+    fusion: str = "sum"  # "sum" | "concat"
+    width: int = 64  # encoder base width: ResNet stages width..8*width; text d_model = 2*width
+    encoders: dict[str, str] = field(
+        default_factory=lambda: {"visual": "resnet18_frames", "audio": "resnet18_spec", "text": "text_transformer"}
+    )
+    pretrained: dict[str, str] = field(default_factory=dict)  # modality -> local state-dict file
+
+
+@dataclass
+class TrainConfig:
+    """``[train]``: the from-scratch stages (unimodal/UME and the joint baselines)."""
+
+    epochs: int = 100
+    optimizer: str = "sgd"  # "sgd" | "adamw"
+    lr: float = 1e-3
+    momentum: float = 0.9  # SGD only
+    weight_decay: float = 1e-4
+    lr_milestones: list[int] = field(default_factory=lambda: [70])  # epochs where lr *= lr_gamma
+    lr_gamma: float = 0.1
+    seed: int = 0
+    modality_dropout: float = 0.0  # joint-dropout baseline: per-sample, per-modality drop probability
+
+
+@dataclass
+class MMAConfig:
+    """``[mma]``: missing-modality adaptation, fine-tuning from the UME checkpoint (METHOD.md step 3).
+
+    The optimizer, momentum and weight decay are those of ``[train]``; only epochs and lr differ.
+    """
+
+    epochs: int = 20
+    lr: float = 1e-3
+    scheme: str = "drop_one"  # "drop_one" | "independent"
+    # drop_one: probability of keeping all ("full") or dropping exactly that modality; sums to 1.
+    # independent: per-modality drop probability (never all modalities dropped).
+    drop_probs: dict[str, float] = field(default_factory=lambda: {"full": 1 / 3, "visual": 1 / 3, "audio": 1 / 3})
+
+
+@dataclass
+class RayConfig:
+    """``[ray]``: Ray Train scaling, storage and fault tolerance."""
+
+    num_workers: int = 1  # DDP workers (ScalingConfig.num_workers)
+    use_gpu: bool = False
+    storage_path: str = "work/ray_results"  # RunConfig.storage_path (made absolute by the stage)
+    run_name: str = "ume_mma"  # RunConfig.name; rerunning with the same name resumes
+    max_failures: int = 0  # FailureConfig.max_failures (-1 = retry forever)
+    cpus_per_worker: float = 1.0  # ScalingConfig.resources_per_worker["CPU"]
+
+
+@dataclass
+class EvalConfig:
+    """``[eval]``: the scenario matrix scored for every method."""
+
+    scenarios: list[str] = field(default_factory=lambda: list(SCENARIO_KINDS))  # kinds: full, missing, rate
+    rates: list[float] = field(default_factory=lambda: [0.1, 0.3, 0.5, 0.7, 0.9])  # eta for "rate"
+    split: str = "test"
+    val_split: str = "val"  # used to choose between UME and UME-MMA (METHOD.md step 4)
+    seed: int = 0  # seeds the key hash that picks the samples of a rate:<m>=<eta> scenario
+
+    def scenario_names(self, modalities: list[str]) -> list[str]:
+        """Concrete scenario names for a dataset: ``full``, ``missing:<m>``, ``rate:<m>=<eta>``."""
+        names: list[str] = []
+        for kind in self.scenarios:
+            if kind == "full":
+                names.append("full")
+            elif kind == "missing":
+                names += [f"missing:{m}" for m in modalities]
+            else:
+                names += [f"rate:{m}={eta:g}" for m in modalities for eta in self.rates]
+        return names
+
+
+@dataclass
+class Config:
+    """A whole training config, one attribute per TOML section."""
+
+    data: DataConfig
+    model: ModelConfig = field(default_factory=ModelConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    mma: MMAConfig = field(default_factory=MMAConfig)
+    ray: RayConfig = field(default_factory=RayConfig)
+    eval: EvalConfig = field(default_factory=EvalConfig)
+
+
+SECTIONS: dict[str, type] = {f.name: typing.get_type_hints(Config)[f.name] for f in dataclasses.fields(Config)}
+
+
+def load_config(path: str | Path, overrides: list[str] | None = None) -> Config:
+    """Read a TOML config and apply ``section.key=value`` overrides (TOML values; bare strings allowed)."""
+    path = Path(path)
+    if not path.is_file():
+        shipped = sorted(p.name for p in (Path(__file__).parent / "configs").glob("*.toml"))
+        raise ConfigError(f"{path}: config file not found; shipped configs in trainer/configs/: {', '.join(shipped)}")
+    try:
+        raw = tomllib.loads(path.read_text())
+    except tomllib.TOMLDecodeError as err:
+        raise ConfigError(f"{path}: invalid TOML: {err}") from None
+    for override in overrides or []:
+        _apply_override(raw, override, source=str(path))
+    return config_from_dict(raw, source=str(path))
+
+
+def config_from_dict(raw: dict[str, Any], source: str = "<dict>") -> Config:
+    """Build a validated :class:`Config` from nested dicts (a parsed TOML file or a stored ``asdict``)."""
+    _check_names(raw, SECTIONS, source, "section", "")
+    sections = {name: _build_section(SECTIONS[name], raw.get(name, {}), name, source) for name in SECTIONS}
+    config = Config(**sections)
+    _validate(config, source)
+    return config
+
+
+def _apply_override(raw: dict[str, Any], override: str, source: str) -> None:
+    """Set one ``section.key[.subkey]=value`` override in the parsed TOML tree."""
+    where = f"{source}: override {override!r}"
+    dotted, sep, text = override.partition("=")
+    parts = dotted.strip().split(".")
+    if not sep or len(parts) < 2 or not all(parts):
+        raise ConfigError(f"{where}: expected section.key=value, e.g. train.lr=0.01")
+    _check_names({parts[0]: None}, SECTIONS, where, "section", "")
+    section_type = SECTIONS[parts[0]]
+    fields = {f.name: typing.get_type_hints(section_type)[f.name] for f in dataclasses.fields(section_type)}
+    _check_names({parts[1]: None}, fields, where, "key", parts[0] + ".")
+    field_type = fields[parts[1]]
+    if len(parts) > 3 or (len(parts) == 3 and typing.get_origin(field_type) is not dict):
+        raise ConfigError(f"{where}: {parts[0]}.{parts[1]} has no sub-keys; use {parts[0]}.{parts[1]}=<value>")
+    target_type = typing.get_args(field_type)[1] if len(parts) == 3 else field_type
+    text = text.strip()
+    try:
+        value = tomllib.loads(f"value = {text}")["value"]
+    except tomllib.TOMLDecodeError:
+        value = text  # a bare string such as work/shards/ave
+    if target_type is str and not isinstance(value, str):
+        value = text  # e.g. ray.run_name=2024 is the name "2024"
+    section = raw.setdefault(parts[0], {})
+    if not isinstance(section, dict):
+        raise ConfigError(f"{where}: {parts[0]} is not a table in the file")
+    if len(parts) == 2:
+        section[parts[1]] = value
+        return
+    # An entry of a table not given in the file updates the default table rather than replacing it.
+    default = next(f for f in dataclasses.fields(section_type) if f.name == parts[1]).default_factory()
+    table = section.setdefault(parts[1], default)
+    if not isinstance(table, dict):
+        raise ConfigError(f"{where}: {parts[0]}.{parts[1]} is not a table in the file")
+    table[parts[2]] = value
+
+
+def _check_names(given: dict[str, Any], valid: dict[str, Any], source: str, kind: str, prefix: str) -> None:
+    """Reject unknown sections/keys, suggesting a close match and listing the valid names."""
+    for name in given:
+        if name not in valid:
+            close = difflib.get_close_matches(name, list(valid), n=1, cutoff=0.5)
+            hint = f"did you mean '{prefix}{close[0]}'? " if close else ""
+            raise ConfigError(
+                f"{source}: unknown {kind} '{prefix}{name}'; {hint}valid: {', '.join(prefix + v for v in valid)}"
+            )
+
+
+def _build_section(section_type: type, raw: Any, name: str, source: str) -> Any:
+    """Fill one section dataclass from its TOML table, checking key names and value types."""
+    if not isinstance(raw, dict):
+        raise ConfigError(f"{source}: [{name}] must be a table, got {type(raw).__name__}")
+    hints = typing.get_type_hints(section_type)
+    fields = {f.name: f for f in dataclasses.fields(section_type)}
+    _check_names(raw, fields, source, "key", name + ".")
+    values = {}
+    for key, f in fields.items():
+        if key in raw:
+            values[key] = _coerce(raw[key], hints[key], f"{name}.{key}", source)
+        elif f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING:
+            raise ConfigError(
+                f"{source}: missing required key {name}.{key}; set it in [{name}] or override {name}.{key}=..."
+            )
+    return section_type(**values)
+
+
+def _coerce(value: Any, expected: Any, key: str, source: str) -> Any:
+    """Check ``value`` against a field type (int is accepted for float); return it in that type."""
+    origin = typing.get_origin(expected)
+    if origin is list:
+        if not isinstance(value, list):
+            raise _type_error(value, expected, key, source)
+        (item,) = typing.get_args(expected)
+        return [_coerce(v, item, f"{key}[{i}]", source) for i, v in enumerate(value)]
+    if origin is dict:
+        if not isinstance(value, dict):
+            raise _type_error(value, expected, key, source)
+        _, item = typing.get_args(expected)
+        return {k: _coerce(v, item, f"{key}.{k}", source) for k, v in value.items()}
+    if expected is float and isinstance(value, int) and not isinstance(value, bool):
+        return float(value)
+    if (expected is int and isinstance(value, bool)) or not isinstance(value, expected):
+        raise _type_error(value, expected, key, source)
+    return value
+
+
+def _type_error(value: Any, expected: Any, key: str, source: str) -> ConfigError:
+    """A type mismatch error naming the key and showing the expected TOML type."""
+    name = getattr(expected, "__name__", str(expected))
+    return ConfigError(f"{source}: {key} must be {name}, got {type(value).__name__} {value!r}; fix the value's type")
+
+
+def _validate(config: Config, source: str) -> None:
+    """Check the values' ranges and enumerations, naming the key and the allowed values."""
+
+    def choose(key: str, value: str, allowed: tuple[str, ...]) -> None:
+        if value not in allowed:
+            close = difflib.get_close_matches(value, allowed, n=1, cutoff=0.5)
+            hint = f"did you mean {close[0]!r}? " if close else ""
+            raise ConfigError(f"{source}: {key} = {value!r} is not allowed; {hint}use one of: {', '.join(allowed)}")
+
+    def require(ok: bool, key: str, value: Any, rule: str) -> None:
+        if not ok:
+            raise ConfigError(f"{source}: {key} = {value!r}; it must be {rule}")
+
+    data, model, train, mma, ray = config.data, config.model, config.train, config.mma, config.ray
+    require(bool(data.dataset_dir), "data.dataset_dir", data.dataset_dir, "the path of a built dataset")
+    choose("data.backend", data.backend, ("auto", "dali", "torch"))
+    for key, value in (
+        ("data.batch_size", data.batch_size),
+        ("data.crop_size", data.crop_size),
+        ("model.width", model.width),
+    ):
+        require(value > 0, key, value, "a positive integer")
+    require(data.num_workers >= 0, "data.num_workers", data.num_workers, ">= 0")
+
+    choose("model.fusion", model.fusion, ("sum", "concat"))
+    for table in ("encoders", "pretrained"):
+        _check_names(getattr(model, table), dict.fromkeys(MODALITIES), source, "modality", f"model.{table}.")
+
+    choose("train.optimizer", train.optimizer, ("sgd", "adamw"))
+    for key, value in (("train.epochs", train.epochs), ("mma.epochs", mma.epochs)):
+        require(value >= 0, key, value, ">= 0")
+    for key, value in (("train.lr", train.lr), ("mma.lr", mma.lr), ("train.lr_gamma", train.lr_gamma)):
+        require(value > 0, key, value, "> 0")
+    require(
+        train.momentum >= 0 and train.weight_decay >= 0,
+        "train.momentum/weight_decay",
+        (train.momentum, train.weight_decay),
+        ">= 0",
+    )
+    require(
+        train.lr_milestones == sorted(set(train.lr_milestones)) and all(m > 0 for m in train.lr_milestones),
+        "train.lr_milestones",
+        train.lr_milestones,
+        "strictly increasing positive epochs",
+    )
+    require(0 <= train.modality_dropout < 1, "train.modality_dropout", train.modality_dropout, "in [0, 1)")
+
+    choose("mma.scheme", mma.scheme, ("drop_one", "independent"))
+    outcomes = ("full", *MODALITIES) if mma.scheme == "drop_one" else MODALITIES
+    _check_names(mma.drop_probs, dict.fromkeys(outcomes), source, f"{mma.scheme} outcome", "mma.drop_probs.")
+    for outcome, p in mma.drop_probs.items():
+        require(0 <= p <= 1, f"mma.drop_probs.{outcome}", p, "a probability in [0, 1]")
+    if mma.scheme == "drop_one":
+        total = sum(mma.drop_probs.values())
+        require(
+            math.isclose(total, 1.0, abs_tol=1e-3),
+            "mma.drop_probs",
+            mma.drop_probs,
+            f"probabilities summing to 1 for drop_one (they sum to {total:g})",
+        )
+
+    require(ray.num_workers >= 1, "ray.num_workers", ray.num_workers, ">= 1")
+    require(ray.cpus_per_worker > 0, "ray.cpus_per_worker", ray.cpus_per_worker, "> 0")
+    require(ray.max_failures >= -1, "ray.max_failures", ray.max_failures, ">= -1 (-1 retries forever)")
+    require(bool(ray.run_name), "ray.run_name", ray.run_name, "a non-empty name")
+
+    for kind in config.eval.scenarios:
+        choose("eval.scenarios", kind, SCENARIO_KINDS)
+    for eta in config.eval.rates:
+        require(0 < eta < 1, "eval.rates", config.eval.rates, "missing rates strictly between 0 and 1")
