@@ -300,10 +300,16 @@ class LateFusion(nn.Module):
         rows where it is absent, so with sum fusion ``logits`` is exactly the sum of the unimodal logits.
         """
         present = batch["present"]
-        features: dict[str, torch.Tensor] = {}
+        features = {m: self.encode(m, batch[m], present[:, i]) for i, m in enumerate(self.modalities)}
+        return self.fuse(features, present)
+
+    def fuse(self, features: Mapping[str, torch.Tensor], present: torch.Tensor) -> dict[str, Any]:
+        """Heads and fusion over per-modality features; rows where a modality is absent count as zeros.
+
+        Evaluation caches the features of one pass and calls this per scenario with other `present` masks."""
+        features = {m: torch.where(present[:, i, None], features[m], 0.0) for i, m in enumerate(self.modalities)}
         unimodal: dict[str, torch.Tensor] = {}
         for i, m in enumerate(self.modalities):
-            features[m] = self.encode(m, batch[m], present[:, i])
             unimodal[m] = torch.where(present[:, i, None], self.heads[m](features[m]), 0.0)
         if self.fusion_kind == "sum":
             logits = torch.stack([unimodal[m] for m in self.modalities]).sum(dim=0)

@@ -1,0 +1,161 @@
+"""The `eval` stage: scenario matrix x methods -> results table (markdown + JSON) and plot (PNG).
+
+Methods (METHOD.md): the uni-modal models (each UME branch alone), joint late fusion, joint late fusion
+with modality dropout, UME and UME-MMA. One pass decodes the test split with its natural missingness
+and caches every model's per-modality features; each scenario then only changes the `present` mask
+(`shards.scenarios.scenario_keep`, a hash of key and seed) before the heads and fusion. Encoders see
+one sample at a time in evaluation mode, so this equals decoding the split once per scenario, and every
+method is scored on exactly the same samples."""
+from __future__ import annotations
+
+import json
+import logging
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from tqdm import tqdm
+
+from shards.format import read_dataset_info
+from shards.loader import make_loader
+from shards.scenarios import parse_scenario, scenario_keep
+from trainer.checkpoint import load_state, load_weights
+from trainer.config import Config
+from trainer.models import LateFusion, build_model
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class Method:
+    """A row of the table: a checkpoint, and optionally the one modality it may use."""
+
+    name: str
+    checkpoint: str
+    only: str | None = None
+
+
+def standard_methods(checkpoints: dict[str, str], modalities: list[str], chosen: str) -> list[Method]:
+    """Uni-modal models, joint, joint + dropout, UME, UME-MMA (and which of UME/UME-MMA METHOD.md keeps)."""
+    methods = [Method(f"{m}-only", checkpoints["unimodal"], only=m) for m in modalities]
+    methods += [Method("joint late fusion", checkpoints["joint"]),
+                Method("joint + modality dropout", checkpoints["joint_dropout"]),
+                Method("UME", checkpoints["unimodal"]),
+                Method("UME-MMA", checkpoints["mma"])]
+    return methods
+
+
+@torch.no_grad()
+def _features(models: dict[str, LateFusion], loader, device: torch.device) -> tuple[dict, list[str], torch.Tensor, torch.Tensor]:
+    """Per checkpoint, per modality features over the whole split (zeros where naturally absent)."""
+    feats: dict[str, dict[str, list[torch.Tensor]]] = {c: {} for c in models}
+    keys, labels, has = [], [], []
+    for batch in tqdm(loader, desc="eval features", unit="batch", leave=False):
+        present = batch["present"].to(device)
+        for ckpt, model in models.items():
+            for i, m in enumerate(model.modalities):
+                feats[ckpt].setdefault(m, []).append(model.encode(m, batch[m].to(device), present[:, i]).cpu())
+        keys += batch["key"]
+        labels.append(batch["label"])
+        has.append(batch["present"])
+    cat = {c: {m: torch.cat(v) for m, v in per.items()} for c, per in feats.items()}
+    return cat, keys, torch.cat(labels), torch.cat(has)
+
+
+def score(logits: torch.Tensor, labels: torch.Tensor, multilabel: bool) -> dict[str, float]:
+    """Accuracy, or F1-macro and F1-micro for multi-label."""
+    if not multilabel:
+        return {"acc": float((logits.argmax(1) == labels).float().mean())}
+    pred, truth = logits > 0, labels > 0.5
+    tp = (pred & truth).sum(0).float()
+    fp = (pred & ~truth).sum(0).float()
+    fn = (~pred & truth).sum(0).float()
+    f1 = 2 * tp / (2 * tp + fp + fn).clamp(min=1)
+    micro = 2 * tp.sum() / (2 * tp.sum() + fp.sum() + fn.sum()).clamp(min=1)
+    return {"f1_macro": float(f1.mean()), "f1_micro": float(micro)}
+
+
+def evaluate(config: Config, methods: list[Method], device: torch.device | None = None) -> dict:
+    """The scenario matrix: {"scenarios": [...], "methods": {name: {scenario: metrics}}, ...}."""
+    device = device or torch.device("cpu")
+    info = read_dataset_info(config.data.dataset_dir)
+    models: dict[str, LateFusion] = {}
+    for method in methods:
+        if method.checkpoint not in models:
+            model = build_model(config.model, info.modalities, info.num_classes)
+            load_weights(model, load_state(method.checkpoint), method.checkpoint)
+            models[method.checkpoint] = model.to(device).eval()
+    loader = make_loader(config.data.dataset_dir, config.eval.split, config.data.batch_size,
+                         backend=config.data.backend, crop=config.data.crop_size,
+                         num_workers=config.data.num_workers, seed=config.eval.seed)
+    feats, keys, labels, has = _features(models, loader, device)
+    scenarios = config.eval.scenario_names(info.modalities)
+    table: dict[str, dict[str, dict[str, float]]] = {m.name: {} for m in methods}
+    present_counts = {}
+    for name in scenarios:
+        keep = torch.from_numpy(scenario_keep(keys, info.modalities, parse_scenario(name, info.modalities), config.eval.seed))
+        present = has & keep
+        present_counts[name] = {m: int(present[:, i].sum()) for i, m in enumerate(info.modalities)}
+        for method in methods:
+            mask = present.clone()
+            if method.only:
+                mask[:, [i for i, m in enumerate(info.modalities) if m != method.only]] = False
+            model = models[method.checkpoint]
+            with torch.no_grad():
+                logits = model.fuse({m: f.to(device) for m, f in feats[method.checkpoint].items()}, mask.to(device))["logits"].cpu()
+            table[method.name][name] = score(logits, labels, info.multilabel)
+    return {"dataset": info.dataset, "split": config.eval.split, "samples": len(keys), "modalities": info.modalities,
+            "scenarios": scenarios, "present": present_counts, "methods": table, "multilabel": info.multilabel}
+
+
+def write_results(results: dict, out_dir: Path, notes: list[str]) -> Path:
+    """results.json, results.md (table) and missing_rate.png; returns the markdown path."""
+    out_dir.mkdir(parents=True, exist_ok=True)
+    results = dict(results, notes=notes)
+    (out_dir / "results.json").write_text(json.dumps(results, indent=2) + "\n")
+    metric = "f1_macro" if results["multilabel"] else "acc"
+    scenarios = results["scenarios"]
+    lines = [f"# {results['dataset']}: {metric} on `{results['split']}` ({results['samples']} samples) by scenario", "",
+             "| method | " + " | ".join(scenarios) + " |", "|---|" + "---:|" * len(scenarios)]
+    for method, row in results["methods"].items():
+        lines.append(f"| {method} | " + " | ".join(f"{100 * row[s][metric]:.1f}" for s in scenarios) + " |")
+    lines += ["", "Samples with each modality present per scenario: " +
+              "; ".join(f"{s}: " + ", ".join(f"{m} {n}" for m, n in c.items()) for s, c in list(results["present"].items())[:3]), ""]
+    lines += [f"- {n}" for n in notes]
+    md = out_dir / "results.md"
+    md.write_text("\n".join(lines) + "\n")
+    _plot(results, metric, out_dir / "missing_rate.png")
+    return md
+
+
+def _plot(results: dict, metric: str, path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    modalities = results["modalities"]
+    fig, axes = plt.subplots(1, len(modalities), figsize=(5.5 * len(modalities), 4.2), squeeze=False)
+    for ax, m in zip(axes[0], modalities):
+        rates = sorted({float(s.split("=")[1]) for s in results["scenarios"] if s.startswith(f"rate:{m}=")})
+        xs = [0.0] + rates + [1.0]
+        for method, row in results["methods"].items():
+            ys = [row["full"][metric]] + [row[f"rate:{m}={r:g}"][metric] for r in rates] + [row[f"missing:{m}"][metric]]
+            ax.plot(xs, [100 * y for y in ys], marker="o", label=method)
+        ax.set_xlabel(f"fraction of test samples missing {m}")
+        ax.set_ylabel(f"{metric} (%)")
+        ax.set_title(f"{results['dataset']}: missing {m}")
+        ax.grid(alpha=0.3)
+    axes[0][-1].legend(fontsize=8, loc="lower left")
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+def val_choice(unimodal_metrics: dict, mma_metrics: dict) -> tuple[str, str]:
+    """METHOD.md step 4: keep UME unless UME-MMA beats it on full-modality validation data."""
+    ume, mma = unimodal_metrics.get("val_acc", 0.0), mma_metrics.get("val_acc", 0.0)
+    chosen = "UME-MMA" if mma > ume else "UME"
+    return chosen, f"validation (full modalities): UME {100 * ume:.1f}, UME-MMA {100 * mma:.1f} -> keep {chosen}"
+
+
