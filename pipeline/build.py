@@ -109,8 +109,9 @@ def run_shard_task(task: ShardTask, src: str, out: str, opts: BuildOptions) -> d
     for sample in task.samples:
         try:
             members, row, partial = encode_sample(sample, src_path, opts)
-        except DecodeError as exc:
-            rejects.append(asdict(Reject(sample.key, sample.split, sample.source, exc.stage, exc.reason)))
+        except DecodeError as exc:  # reasons name the source relative to --src, so rejects do not depend on it
+            reason = exc.reason.replace(str(src_path / sample.source), sample.source)
+            rejects.append(asdict(Reject(sample.key, sample.split, sample.source, exc.stage, reason)))
             continue
         writer.add(sample.key, members)
         rows.append(dict(row, shard=task.name))

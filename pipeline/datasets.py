@@ -1,7 +1,8 @@
 """Dataset adapters: each reads a raw corpus in its public release's own layout and lists samples.
 
 An adapter returns `Sample`s (stable key, split, label, source file) and `Reject`s for annotation rows
-that cannot become samples (file not there, class not kept, malformed row). Keys come from the source
+that cannot become samples (file not there, malformed row, a path outside --src); rows of classes the
+dataset does not keep (Kinetics-400 classes outside Kinetics-Sound) are skipped silently. Keys come from the source
 ids, never from enumeration order, so a rebuild is deterministic."""
 from __future__ import annotations
 
@@ -63,8 +64,13 @@ def _collect(rows, src: Path, classes: list[str], make: Callable) -> tuple[list[
     index = {name: i for i, name in enumerate(classes)}
     samples: dict[str, Sample] = {}
     rejects: list[Reject] = []
+    root = src.resolve()
     for row in rows:
-        made = make(row)
+        try:
+            made = make(row)
+        except ValueError as exc:  # an id with no usable character, e.g. ".."
+            rejects.append(Reject("", "", "", "annotation", f"unusable row {row!r}: {exc}"))
+            continue
         if made is None:
             continue
         if isinstance(made, Reject):
@@ -73,6 +79,9 @@ def _collect(rows, src: Path, classes: list[str], make: Callable) -> tuple[list[
         key, split, label_name, rel = made
         if label_name not in index:
             continue  # a class the dataset does not keep (e.g. Kinetics-400 classes outside Kinetics-Sound)
+        if not (src / rel).resolve().is_relative_to(root):
+            rejects.append(Reject(key, split, rel, "annotation", "source path points outside --src"))
+            continue
         if not (src / rel).is_file():
             rejects.append(Reject(key, split, rel, "source", "annotated file not found"))
             continue

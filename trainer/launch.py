@@ -58,6 +58,8 @@ def run_stage(config: Config, stage: str, init_from: Path | None, storage: Path)
     if done is not None:
         log.info("stage %s already finished (%s); skipping", stage, done)
         return done
+    if init_from is not None:
+        check_fits(config, init_from)
     if stage == "joint":
         config = dataclasses.replace(config, train=dataclasses.replace(config.train, modality_dropout=0.0))
     loop_config = {"config": dataclasses.asdict(config), "stage": stage,
@@ -78,6 +80,15 @@ def run_stage(config: Config, stage: str, init_from: Path | None, storage: Path)
     if done is None:
         raise RuntimeError(f"stage {stage} ended without a final checkpoint ({result.error or 'no error reported'})")
     return done
+
+
+def check_fits(config: Config, checkpoint: Path) -> None:
+    """Fail fast, in the driver, when a checkpoint cannot initialise this config's model."""
+    from trainer.checkpoint import load_weights
+    from trainer.models import build_model
+
+    info = read_dataset_info(config.data.dataset_dir)
+    load_weights(build_model(config.model, info.modalities, info.num_classes), load_state(checkpoint), str(checkpoint))
 
 
 def absolute(config: Config) -> Config:
@@ -155,7 +166,13 @@ def main(argv: list[str] | None = None) -> int:
             if modality not in config.model.encoders:
                 raise ConfigError(f"{args.config}: dataset has modality {modality!r} but [model] encoders has no "
                                   f"entry for it; add {modality} = \"<encoder name>\"")
-        if config.mma.scheme == "drop_one" or config.mma.scheme == "independent":
+        try:  # unknown encoder names, unreadable pretrained files: fail before any Ray work
+            from trainer.models import build_model
+
+            build_model(config.model, info.modalities, info.num_classes)
+        except (ValueError, OSError) as exc:
+            raise ConfigError(f"{args.config}: [model] {exc}") from exc
+        if config.mma.scheme in ("drop_one", "independent"):
             unknown_m = set(config.mma.drop_probs) - set(info.modalities) - {"full"}
             if unknown_m:
                 raise ConfigError(f"{args.config}: [mma] drop_probs names {sorted(unknown_m)}, not modalities of "
