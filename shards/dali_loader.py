@@ -67,7 +67,8 @@ def audio_visual_pipeline(tars: list[str], idxs: list[str], modalities: list[str
             clip, crop=[visual.crop, visual.crop], mirror=mirror, dtype=types.FLOAT, output_layout="FCHW",
             mean=[255.0 * m for m in visual.mean], std=[255.0 * s for s in visual.std])
     else:
-        frames = fn.constant(fdata=0.0, shape=[visual.frames, 3, visual.crop, visual.crop], dtype=types.FLOAT)
+        frames = fn.constant(fdata=0.0, shape=[visual.frames, 3, visual.crop, visual.crop], dtype=types.FLOAT,
+                             layout="FCHW")  # the then-branch layout: conditionals merge only equal layouts
         frames = frames.gpu() if gpu else frames
 
     if use_audio:
@@ -160,14 +161,14 @@ class DaliLoader:
     def _build(self) -> None:
         self._pipe = audio_visual_pipeline(
             **self._kwargs, batch_size=self.batch_size, num_threads=self._num_threads, device_id=self._device_id,
-            seed=self._kwargs["rng_seed"], enable_checkpointing=True, checkpoint=self._checkpoint,
+            seed=self._kwargs["rng_seed"], enable_checkpointing=self.train, checkpoint=self._checkpoint,
             prefetch_queue_depth=2, exec_dynamic=True)
         self._pipe.build()
 
     def state_dict(self) -> dict:
         """Epoch, batches consumed and the DALI checkpoint (reader position and random state)."""
         state = {"epoch": self.epoch, "batches_done": self.batches_done}
-        if self._pipe is not None:
+        if self._pipe is not None and self.train:
             state["dali_checkpoint"] = self._pipe.checkpoint()
         return state
 

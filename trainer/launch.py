@@ -107,7 +107,9 @@ def run_recipe(config: Config, stages: list[str]) -> Path | None:
     storage = Path(config.ray.storage_path)
     (storage / config.ray.run_name).mkdir(parents=True, exist_ok=True)
     if not ray.is_initialized():
-        ray.init(address=os.environ.get("RAY_ADDRESS") or None, log_to_driver=True)
+        # RAY_ADDRESS is set by `ray job submit` (or by you): join that cluster. Otherwise start a private
+        # local instance rather than attaching to whatever cluster happens to run on this machine.
+        ray.init(address=os.environ.get("RAY_ADDRESS") or "local", log_to_driver=True)
     checkpoints: dict[str, Path] = {}
     for stage in TRAIN_STAGES:
         if stage not in stages and not (stage == "unimodal" and "mma" in stages):
