@@ -21,8 +21,11 @@ def _cmd_make_demo(args: argparse.Namespace) -> int:
 
     if args.dataset != "av_digits":
         raise UsageError(f"unknown demo corpus {args.dataset!r}; the only demo is av_digits")
-    summary = make_demo(Path(args.out), n_train=args.n_train, n_val=args.n_val, n_test=args.n_test,
-                        seed=args.seed, workers=args.workers, progress=not args.quiet)
+    try:
+        summary = make_demo(Path(args.out), n_train=args.n_train, n_val=args.n_val, n_test=args.n_test,
+                            seed=args.seed, workers=args.workers, progress=not args.quiet)
+    except ValueError as exc:  # --out holds a corpus made with other parameters
+        raise UsageError(str(exc)) from exc
     log.info("demo corpus written to %s: %s", args.out, summary)
     return 0
 

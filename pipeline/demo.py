@@ -53,12 +53,17 @@ FPS = 10
 N_FRAMES = int(CLIP_SECONDS * FPS)
 FRAME_SIZE = 112
 SAMPLE_RATE = 16_000
+AUDIO_BIT_RATE = 48_000  # mono speech at 16 kHz
 N_SAMPLES = int(CLIP_SECONDS * SAMPLE_RATE)
 
 DIGIT_SIZE_PX = (64, 80)
 MAX_DRIFT_PX = 12
-# Speech-to-noise ratio of the audio track, in dB over the utterance's own duration.
-SNR_DB = (-10.0, 2.0)
+# Standard deviation of the per-frame sensor noise, in 8-bit levels (noise is what H.264 spends bits on).
+GRAIN_STD = (2.0, 6.0)
+# Speech-to-noise ratio of the audio track, in dB over the utterance's own duration. Measured on the default
+# corpus with a 4-block CNN per modality trained on train: audio (64-bin log-mel, 12 epochs) 84% on val
+# (seen voices) and 73% on test (unseen voices); vision (middle frame, 5 epochs) 98% val, 96% test.
+SNR_DB = (-7.0, 5.0)
 MISSING_AUDIO_FRACTION = 0.05
 # Share of each digit's MNIST images held out for test (120 of 500); train and val use the rest.
 TEST_IMAGE_SHARE = 0.24
@@ -80,7 +85,9 @@ class VoicePool:
 # Disjoint in every field, so test speakers are unseen (accent, timbre, speed and pitch).
 TRAIN_VOICES = VoicePool(
     accents=("en", "en-us", "en-gb-scotland", "en-gb-x-rp", "en-gb-x-gbclan"),
-    variants=("m1", "m2", "m3", "m4", "m5", "f1", "f2", "f3", "klatt", "klatt2", "adam", "david", "linda", "steph"),
+    variants=(
+        "m1", "m2", "m3", "m4", "m5", "f1", "f2", "f3", "klatt", "klatt2", "adam", "david", "linda", "steph"
+    ),
     rates=(130, 145, 160, 175, 190),
     pitches=(25, 40, 55, 70),
 )
@@ -143,7 +150,8 @@ def make_demo(
     for split in SPLITS:
         (out / split).mkdir(parents=True, exist_ok=True)
     todo = [clip for clip in plan if not (out / clip.split / f"{clip.clip_id}.mp4").exists()]
-    log.info("av_digits: %d clips planned, %d already written, %d to render", len(plan), len(plan) - len(todo), len(todo))
+    done = len(plan) - len(todo)
+    log.info("av_digits: %d clips planned, %d already written, %d to render", len(plan), done, len(todo))
 
     workers = max(1, min(workers or os.cpu_count() or 1, len(todo) or 1))
     with multiprocessing.Pool(workers) as pool:
@@ -283,12 +291,12 @@ def render_frames(digit: np.ndarray, rng: np.random.Generator) -> np.ndarray:
     size = int(rng.integers(DIGIT_SIZE_PX[0], DIGIT_SIZE_PX[1] + 1))
     alpha = np.asarray(Image.fromarray(digit).resize((size, size), Image.BILINEAR), np.float32)[..., None] / 255
     ink = rng.uniform(170, 255) * rng.uniform(0.75, 1.0, size=3)
-    blotches = rng.uniform(-1, 1, size=(8, 8, 3)).astype(np.float32)
-    texture = np.asarray(
-        [np.asarray(Image.fromarray(c).resize((FRAME_SIZE, FRAME_SIZE), Image.BILINEAR)) for c in blotches.transpose(2, 0, 1)]
-    ).transpose(1, 2, 0)
+    blotches = rng.uniform(-1, 1, size=(3, 8, 8)).astype(np.float32)
+    texture = np.stack(
+        [np.asarray(Image.fromarray(c).resize((FRAME_SIZE, FRAME_SIZE), Image.BILINEAR)) for c in blotches], axis=-1
+    )
     background = rng.uniform(15, 50) + rng.uniform(5, 15) * texture
-    grain = rng.uniform(4, 12)
+    grain = rng.uniform(*GRAIN_STD)
 
     room = FRAME_SIZE - size
     start = rng.uniform(0, room, size=2)
@@ -341,13 +349,14 @@ def write_clip_mp4(path: Path, frames: np.ndarray, audio: np.ndarray | None) -> 
     """
     with av.open(str(path), mode="w", format="mp4") as container:
         video = container.add_stream(
-            "libx264", rate=FPS, options={"crf": "18", "preset": "medium", "x264-params": "mbtree=0"}
+            "libx264", rate=FPS, options={"crf": "23", "preset": "veryfast", "x264-params": "mbtree=0"}
         )
         video.width = video.height = FRAME_SIZE
         video.pix_fmt = "yuv420p"
         video.codec_context.thread_count = 1
         if audio is not None:
             sound = container.add_stream("aac", rate=SAMPLE_RATE, layout="mono")
+            sound.bit_rate = AUDIO_BIT_RATE
             sound.codec_context.thread_count = 1
         for t, rgb in enumerate(frames):
             frame = av.VideoFrame.from_ndarray(rgb, format="rgb24")
