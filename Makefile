@@ -34,9 +34,9 @@ $(VENV)/.installed: pyproject.toml
 # The main job: demo corpus -> shards -> UME -> UME-MMA (+ baselines) -> results table and plot.
 demo: setup
 	$(BIN)/pipeline make-demo av_digits --out $(WORK)/raw/av_digits
-	$(BIN)/pipeline build-shards av_digits --src $(WORK)/raw/av_digits --out $(WORK)/shards --size 64 --n-mels 64
+	$(BIN)/pipeline build-shards av_digits --src $(WORK)/raw/av_digits --out $(WORK)/shards --size 64 --n-mels 64 --hop-length 320
 	$(BIN)/python trainer/launch.py --config trainer/configs/av_digits.toml --set ray.storage_path=$(abspath $(WORK))/runs
-	@echo "results: $(WORK)/results/av_digits/results.md"
+	@echo "results: $(WORK)/runs/av_digits/results/results.md and missing_rate.png"
 
 test: setup
 	$(BIN)/python -m pytest -q tests

@@ -1,10 +1,11 @@
-"""The DALI loader: one `@pipeline_def` for audio-visual shards with missing-modality masks fused in.
+"""The DALI loader: one `@pipeline_def` for every dataset's modalities, with missing-modality masks fused in.
 
 Per sample, the pipeline decides which modalities are present (natural missingness from empty members,
 then the training augmentation or the evaluation scenario) and only decodes those: a dropped modality
 takes the `else` branch, which yields zeros without touching its bytes. With a GPU, JPEGs are decoded by
 nvJPEG (`mixed`) and the spectrogram, mel filter bank and decibels run on the GPU; without one
-(`device_id=None`) everything runs on the CPU."""
+(`device_id=None`) everything runs on the CPU. Stored spectrograms (FLOAT) and token ids (INT32) are read
+as typed members whose first 128 bytes (the .npy header) are sliced off, as the label is."""
 from __future__ import annotations
 
 import logging
@@ -17,7 +18,7 @@ from nvidia.dali import Pipeline, fn, pipeline_def, types
 from nvidia.dali.pipeline import do_not_convert
 from nvidia.dali.backend import TensorListCPU
 
-from shards.features import DB_OFFSET, DB_SCALE, AudioParams, VisualParams
+from shards.features import DB_OFFSET, DB_SCALE, ModalityParams, modality_params
 from shards.format import DatasetInfo, NPY_HEADER_BYTES, frame_member
 from shards.samples import SampleRef, shard_range
 from shards.scenarios import DropSpec
@@ -31,67 +32,107 @@ class DecodeFailure(RuntimeError):
 
 
 @pipeline_def(enable_conditionals=True)
-def audio_visual_pipeline(tars: list[str], idxs: list[str], modalities: list[str], visual: VisualParams,
-                          audio: AudioParams, audio_ext: str, gpu: bool, train: bool, shard_id: int,
-                          num_shards: int, rng_seed: int, augment: DropSpec | None, eval_keep: np.ndarray | None,
-                          label_dtype: types.DALIDataType):
-    """Frames [T, 3, H, W], log-mel [1, n_mels, n_frames], label payload and present flags per sample."""
-    frame_exts = [frame_member(i) for i in range(visual.frames)]
+def multimodal_pipeline(tars: list[str], idxs: list[str], modalities: list[str], params: ModalityParams,
+                        gpu: bool, train: bool, shard_id: int, num_shards: int, rng_seed: int,
+                        augment: DropSpec | None, eval_keep: np.ndarray | None, label_dtype: types.DALIDataType,
+                        min_crop_area: float, flip: bool):
+    """Per sample, in this order, each output only for a modality of the dataset: frames [T, 3, H, W];
+    audio [1, n_mels, n_frames] (log-mel of the waveform) or [1, H, W] (stored spectrogram); token ids [L];
+    then the label payload and the present flags."""
+    visual, audio, spec, text = params.visual, params.audio, params.spectrogram, params.text
+    exts, dtypes = [], []
+    if visual is not None:
+        exts += [frame_member(i) for i in range(visual.frames)]
+        dtypes += [types.UINT8] * visual.frames
+    if audio is not None or spec is not None:
+        exts.append(params.audio_member)
+        dtypes.append(types.UINT8 if spec is None else types.FLOAT)
+    if text is not None:
+        exts.append(text.member)
+        dtypes.append(types.INT32)
     members = fn.readers.webdataset(
-        paths=tars, index_paths=idxs, ext=frame_exts + [audio_ext, "label.npy"],
-        missing_component_behavior="empty", dtypes=[types.UINT8] * (visual.frames + 1) + [label_dtype],
-        random_shuffle=train, initial_fill=256, seed=rng_seed, shard_id=shard_id, num_shards=num_shards,
-        pad_last_batch=not train, stick_to_shard=True, name=READER)
-    jpegs, wav, label = members[:visual.frames], members[visual.frames], members[visual.frames + 1]
+        paths=tars, index_paths=idxs, ext=exts + ["label.npy"], missing_component_behavior="empty",
+        dtypes=dtypes + [label_dtype], random_shuffle=train, initial_fill=256, seed=rng_seed, shard_id=shard_id,
+        num_shards=num_shards, pad_last_batch=not train, stick_to_shard=True, name=READER)
+    members, label = list(members[:-1]), members[-1]
+    jpegs = [members.pop(0) for _ in range(visual.frames)] if visual is not None else []
+    sound = members.pop(0) if audio is not None or spec is not None else None
+    ids = members.pop(0) if text is not None else None
 
-    has_visual = jpegs[0].shape()[0] > 0
-    has_audio = wav.shape()[0] > 0
-    keep_visual, keep_audio = _keep_flags(modalities, train, augment, eval_keep, rng_seed)
-    use_visual = has_visual & keep_visual
-    use_audio = has_audio & keep_audio
+    keep = _keep_flags(modalities, train, augment, eval_keep, rng_seed)
+    use_visual = (jpegs[0].shape()[0] > 0) & keep["visual"] if jpegs else False
+    use_audio = (sound.shape()[0] > 0) & keep["audio"] if sound is not None else False
+    use_text = (ids.shape()[0] > 0) & keep["text"] if ids is not None else False
     if train:  # never drop everything a sample has
-        nothing = (use_visual | use_audio) == False  # noqa: E712 (DALI node comparison)
-        use_visual = use_visual | (nothing & has_visual)
-        use_audio = use_audio | (nothing & has_audio)
+        has = {"visual": jpegs[0].shape()[0] > 0 if jpegs else False,
+               "audio": sound.shape()[0] > 0 if sound is not None else False,
+               "text": ids.shape()[0] > 0 if ids is not None else False}
+        nothing = (use_visual | use_audio | use_text) == False  # noqa: E712 (DALI node comparison)
+        use_visual = use_visual | (nothing & has["visual"]) if jpegs else False
+        use_audio = use_audio | (nothing & has["audio"]) if sound is not None else False
+        use_text = use_text | (nothing & has["text"]) if ids is not None else False
 
-    if use_visual:
-        decoded = [fn.decoders.image(j, device="mixed" if gpu else "cpu", output_type=types.RGB) for j in jpegs]
-        clip = fn.stack(*decoded, axis_name="F")
-        if train:
-            clip = fn.random_resized_crop(clip, size=[visual.crop, visual.crop], random_area=[0.35, 1.0], seed=rng_seed + 1)
-            mirror = fn.random.coin_flip(probability=0.5, seed=rng_seed + 2)
+    outputs = []
+    if visual is not None:
+        if use_visual:
+            decoded = [fn.decoders.image(j, device="mixed" if gpu else "cpu", output_type=types.RGB) for j in jpegs]
+            clip = fn.stack(*decoded, axis_name="F")
+            if train:
+                clip = fn.random_resized_crop(clip, size=[visual.crop, visual.crop],
+                                              random_area=[min_crop_area, 1.0], seed=rng_seed + 1)
+                mirror = fn.random.coin_flip(probability=0.5, seed=rng_seed + 2) if flip else 0
+            else:
+                clip = fn.resize(clip, resize_shorter=visual.crop, antialias=True)
+                mirror = 0
+            frames = fn.crop_mirror_normalize(
+                clip, crop=[visual.crop, visual.crop], mirror=mirror, dtype=types.FLOAT, output_layout="FCHW",
+                mean=[255.0 * m for m in visual.mean], std=[255.0 * s for s in visual.std])
         else:
-            clip = fn.resize(clip, resize_shorter=visual.crop, antialias=True)
-            mirror = 0
-        frames = fn.crop_mirror_normalize(
-            clip, crop=[visual.crop, visual.crop], mirror=mirror, dtype=types.FLOAT, output_layout="FCHW",
-            mean=[255.0 * m for m in visual.mean], std=[255.0 * s for s in visual.std])
-    else:
-        frames = fn.constant(fdata=0.0, shape=[visual.frames, 3, visual.crop, visual.crop], dtype=types.FLOAT,
-                             layout="FCHW")  # the then-branch layout: conditionals merge only equal layouts
-        frames = frames.gpu() if gpu else frames
+            frames = fn.constant(fdata=0.0, shape=[visual.frames, 3, visual.crop, visual.crop], dtype=types.FLOAT,
+                                 layout="FCHW")  # the then-branch layout: conditionals merge only equal layouts
+            frames = frames.gpu() if gpu else frames
+        outputs.append(frames)
 
-    if use_audio:
-        signal = fn.decoders.audio(wav, dtype=types.FLOAT, downmix=True, sample_rate=audio.sample_rate)[0]
-        signal = fn.slice(signal, 0, audio.n_samples, axes=[0], out_of_bounds_policy="pad", fill_values=0.0)
-        signal = signal.gpu() if gpu else signal
-        spec = fn.spectrogram(signal, nfft=audio.n_fft, window_length=audio.win_length,
-                              window_step=audio.hop_length, center_windows=True, reflect_padding=True, power=2)
-        mel = fn.mel_filter_bank(spec, sample_rate=audio.sample_rate, nfilter=audio.n_mels,
-                                 freq_high=audio.sample_rate / 2.0, normalize=True, mel_formula="slaney")
-        db = fn.to_decibels(mel, multiplier=10.0, reference=1.0, cutoff_db=-audio.db_cutoff)
-        logmel = fn.expand_dims((db + DB_OFFSET) / DB_SCALE, axes=[0])
-    else:
-        logmel = fn.constant(fdata=0.0, shape=[1, audio.n_mels, audio.n_frames], dtype=types.FLOAT)
-        logmel = logmel.gpu() if gpu else logmel
+    if audio is not None:
+        if use_audio:
+            signal = fn.decoders.audio(sound, dtype=types.FLOAT, downmix=True, sample_rate=audio.sample_rate)[0]
+            signal = fn.slice(signal, 0, audio.n_samples, axes=[0], out_of_bounds_policy="pad", fill_values=0.0)
+            signal = signal.gpu() if gpu else signal
+            power = fn.spectrogram(signal, nfft=audio.n_fft, window_length=audio.win_length,
+                                   window_step=audio.hop_length, center_windows=True, reflect_padding=True, power=2)
+            mel = fn.mel_filter_bank(power, sample_rate=audio.sample_rate, nfilter=audio.n_mels,
+                                     freq_high=audio.sample_rate / 2.0, normalize=True, mel_formula="slaney")
+            db = fn.to_decibels(mel, multiplier=10.0, reference=1.0, cutoff_db=-audio.db_cutoff)
+            logmel = fn.expand_dims((db + DB_OFFSET) / DB_SCALE, axes=[0])
+        else:
+            logmel = fn.constant(fdata=0.0, shape=[1, audio.n_mels, audio.n_frames], dtype=types.FLOAT)
+            logmel = logmel.gpu() if gpu else logmel
+        outputs.append(logmel)
+    elif spec is not None:
+        if use_audio:  # drop the .npy header's elements, then view the payload as [1, H, W]
+            values = fn.reshape(sound[NPY_HEADER_BYTES // 4:], shape=[1, *spec.shape]) * spec.scale
+            values = values.gpu() if gpu else values
+        else:
+            values = fn.constant(fdata=0.0, shape=[1, *spec.shape], dtype=types.FLOAT)
+            values = values.gpu() if gpu else values
+        outputs.append(values)
 
-    present = fn.stack(*[fn.cast(use_visual if m == "visual" else use_audio, dtype=types.UINT8) for m in modalities])
-    return frames, logmel, label, present
+    if text is not None:
+        if use_text:
+            tokens = ids[NPY_HEADER_BYTES // 4:]
+        else:
+            tokens = fn.constant(idata=0, shape=[text.max_len], dtype=types.INT32)
+        outputs.append(tokens)
+
+    use = {"visual": use_visual, "audio": use_audio, "text": use_text}
+    present = fn.stack(*[fn.cast(use[m], dtype=types.UINT8) for m in modalities])
+    return (*outputs, label, present)
 
 
 def _keep_flags(modalities: list[str], train: bool, augment: DropSpec | None, eval_keep: np.ndarray | None,
-                seed: int):
-    """Per-sample keep flags: random draws in training, the scenario's mask (fed in order) in evaluation."""
+                seed: int) -> dict:
+    """Per-sample keep flags by modality: random draws in training, the scenario's mask (fed in order) in
+    evaluation, True (Python) when nothing is dropped."""
     if eval_keep is not None:
         keep = fn.external_source(source=_cycle_batches(eval_keep), dtype=types.UINT8, ndim=1, batch=True)
         flags = [fn.cast(keep[i], dtype=types.BOOL) for i in range(len(modalities))]
@@ -103,9 +144,9 @@ def _keep_flags(modalities: list[str], train: bool, augment: DropSpec | None, ev
             flags = [fn.cast(fn.random.coin_flip(probability=1.0 - augment.probs.get(m, 0.0), seed=seed + 4 + i),
                              dtype=types.BOOL) for i, m in enumerate(modalities)]
     else:
-        return True, True
+        flags = [True] * len(modalities)
     by_name = dict(zip(modalities, flags))
-    return by_name.get("visual", True), by_name.get("audio", True)
+    return {m: by_name.get(m, True) for m in ("visual", "audio", "text")}
 
 
 @do_not_convert
@@ -128,7 +169,8 @@ class DaliLoader:
 
     def __init__(self, info: DatasetInfo, refs: list[SampleRef], batch_size: int, *, device: str, train: bool,
                  augment: DropSpec | None, eval_keep: np.ndarray | None, shard_id: int, num_shards: int,
-                 seed: int, epoch: int, crop: int | None, num_threads: int, device_id: int | None) -> None:
+                 seed: int, epoch: int, crop: int | None, num_threads: int, device_id: int | None,
+                 min_crop_area: float = 0.35, flip: bool = True) -> None:
         self.info = info
         self.batch_size = batch_size
         self.train = train
@@ -138,16 +180,15 @@ class DaliLoader:
         self.modalities = list(info.modalities)
         self._refs = refs
         self._range = shard_range(len(refs), shard_id, num_shards)
-        self._visual = VisualParams.from_info(info.visual, crop)
-        self._audio = AudioParams.from_info(info.audio)
+        self._params = modality_params(info, crop)
         self._multilabel = info.multilabel
+        self._outputs = [m for m in ("visual", "audio", "text") if m in self.modalities]
         self._kwargs = dict(
             tars=sorted({r.tar for r in refs}, key=[r.tar for r in refs].index),
-            modalities=self.modalities, visual=self._visual, audio=self._audio,
-            audio_ext=info.audio.get("codec", "wav"), gpu=self.gpu, train=train, shard_id=shard_id,
+            modalities=self.modalities, params=self._params, gpu=self.gpu, train=train, shard_id=shard_id,
             num_shards=num_shards, rng_seed=seed * 1000 + shard_id, augment=augment,
             eval_keep=None if eval_keep is None else eval_keep[self._range.start:self._range.stop],
-            label_dtype=types.FLOAT if info.multilabel else types.INT64)
+            label_dtype=types.FLOAT if info.multilabel else types.INT64, min_crop_area=min_crop_area, flip=flip)
         self._kwargs["idxs"] = [str(Path(t).with_suffix(".idx")) for t in self._kwargs["tars"]]
         self._num_threads = num_threads
         self._device_id = device_id if self.gpu else None
@@ -159,7 +200,7 @@ class DaliLoader:
         return max(1, n // self.batch_size) if self.train and n else -(-n // self.batch_size)
 
     def _build(self) -> None:
-        self._pipe = audio_visual_pipeline(
+        self._pipe = multimodal_pipeline(
             **self._kwargs, batch_size=self.batch_size, num_threads=self._num_threads, device_id=self._device_id,
             seed=self._kwargs["rng_seed"], enable_checkpointing=self.train, checkpoint=self._checkpoint,
             prefetch_queue_depth=2, exec_dynamic=True)
@@ -190,32 +231,33 @@ class DaliLoader:
             start = self.batches_done * self.batch_size
             count = min(self.batch_size, n - start)
             try:
-                frames, logmel, label, present = self._pipe.run()
+                *tensors, label, present = self._pipe.run()
             except RuntimeError as exc:
                 raise DecodeFailure(self._locate_failure(exc)) from exc
-            keys = [_key_of(frames_src) for frames_src in _source_infos(label)]
+            keys = [_key_of(source) for source in _source_infos(label)]
             if not self.train:
                 expected = [self._refs[self._range[start + i]].key for i in range(count)]
                 if keys[:count] != expected:
                     raise RuntimeError(f"DALI reader order differs from the index order at batch {self.batches_done}: "
                                        f"{keys[:3]} vs {expected[:3]}")
             self.batches_done += 1
-            yield self._to_batch(frames, logmel, label, present, keys, count)
+            yield self._to_batch(dict(zip(self._outputs, tensors)), label, present, keys, count)
         self.epoch += 1
         self.batches_done = 0
 
-    def _to_batch(self, frames, logmel, label, present, keys: list[str], count: int) -> dict:
+    def _to_batch(self, tensors: dict, label, present, keys: list[str], count: int) -> dict:
         as_np = lambda tl: (tl.as_cpu() if not isinstance(tl, TensorListCPU) else tl).as_array()  # noqa: E731
         labels = as_np(label)
         payload = NPY_HEADER_BYTES // labels.dtype.itemsize
         labels = labels[:, payload:]
-        batch = {
-            "visual": torch.from_numpy(as_np(frames)[:count]),
-            "audio": torch.from_numpy(as_np(logmel)[:count]),
+        batch = {m: torch.from_numpy(as_np(t)[:count]) for m, t in tensors.items()}
+        if "text" in batch:
+            batch["text"] = batch["text"].long()
+        batch.update({
             "present": torch.from_numpy(as_np(present)[:count].astype(bool)),
             "label": torch.from_numpy(labels[:count] if self._multilabel else labels[:count, 0].astype(np.int64)),
             "key": keys[:count],
-        }
+        })
         return {m: batch[m] for m in ("visual", "audio", "text", "present", "label", "key") if m in batch}
 
     def _locate_failure(self, exc: Exception) -> str:

@@ -3,7 +3,12 @@
 Audio: mono float in [-1, 1], cropped or zero-padded to `seconds`, power spectrogram (DALI's Hann window of
 `win_length` zero-padded to `n_fft`, hop `hop_length`, centred windows with reflect padding), Slaney mel
 filter bank (area-normalised), decibels floored at -`db_cutoff`, then scaled by fixed constants.
-Frames: RGB, resized so the short side is the crop size, centre crop (evaluation), ImageNet mean/std."""
+Frames: RGB, resized so the short side is the crop size, centre crop (evaluation), ImageNet mean/std.
+Precomputed spectrograms (`audio.kind = "spectrogram_array"`, AV-MNIST): the stored float32 array times
+`scale`, as [1, H, W]. Text: the stored int32 ids, as int64 [max_len] (0 = padding).
+
+`modality_params` reads all of it from dataset.json, so neither loader (nor the trainer) special-cases a
+dataset."""
 from __future__ import annotations
 
 from dataclasses import dataclass
@@ -49,6 +54,61 @@ class VisualParams:
     @classmethod
     def from_info(cls, visual: dict, crop: int | None = None) -> "VisualParams":
         return cls(visual["frames"], crop or visual["crop"], tuple(visual["mean"]), tuple(visual["std"]))
+
+
+@dataclass(frozen=True)
+class SpectrogramParams:
+    """A spectrogram stored as a float32 `.npy` member of shape `shape`, multiplied by `scale` on load."""
+
+    shape: tuple[int, int]
+    scale: float
+    member: str = "spec.npy"
+
+    @classmethod
+    def from_info(cls, audio: dict) -> "SpectrogramParams":
+        return cls(tuple(audio["shape"]), float(audio.get("scale", 1.0)), audio.get("member", "spec.npy"))
+
+
+@dataclass(frozen=True)
+class TextParams:
+    """Token ids stored as an int32 `.npy` member of `max_len` ids (0 = padding)."""
+
+    max_len: int
+    vocab_size: int
+    member: str = "text.npy"
+
+    @classmethod
+    def from_info(cls, text: dict) -> "TextParams":
+        return cls(int(text["max_len"]), int(text["vocab_size"]))
+
+
+@dataclass(frozen=True)
+class ModalityParams:
+    """What the loaders decode per modality; None for a modality the dataset does not have."""
+
+    visual: VisualParams | None
+    audio: AudioParams | None  # a waveform decoded to log-mel
+    spectrogram: SpectrogramParams | None  # or a stored spectrogram
+    text: TextParams | None
+    audio_ext: str = "wav"
+
+    @property
+    def audio_member(self) -> str:
+        return self.spectrogram.member if self.spectrogram else self.audio_ext
+
+
+def modality_params(info, crop: int | None = None) -> ModalityParams:
+    """The decoding parameters of a dataset (a `shards.format.DatasetInfo`)."""
+    mods = info.modalities
+    visual = VisualParams.from_info(info.visual, crop) if "visual" in mods else None
+    audio = spectrogram = None
+    if "audio" in mods:
+        if info.audio.get("kind", "waveform") == "spectrogram_array":
+            spectrogram = SpectrogramParams.from_info(info.audio)
+        else:
+            audio = AudioParams.from_info(info.audio)
+    text = TextParams.from_info(info.text) if "text" in mods else None
+    return ModalityParams(visual, audio, spectrogram, text, info.audio.get("codec", "wav"))
 
 
 def _hz_to_mel(f: np.ndarray) -> np.ndarray:
@@ -100,3 +160,11 @@ def log_mel(audio: np.ndarray, p: AudioParams, filters: torch.Tensor | None = No
     mel = filters @ spec
     db = 10.0 * torch.log10(torch.clamp(mel, min=10.0 ** (-p.db_cutoff / 10.0)))
     return ((db + DB_OFFSET) / DB_SCALE).unsqueeze(0)
+
+
+def model_input_specs(info) -> dict[str, dict]:
+    """Extra encoder arguments read from dataset.json (`trainer.models.build_model(input_specs=...)`):
+    the text encoder's vocabulary size and sequence length."""
+    if "text" not in info.modalities:
+        return {}
+    return {"text": {"vocab_size": int(info.text["vocab_size"]), "max_len": int(info.text["max_len"])}}

@@ -27,10 +27,12 @@ def make_loader(dataset_dir: str | Path, split: str, batch_size: int, *, backend
                 device: str = "cpu", train: bool = False, augment: DropSpec | None = None,
                 scenario: str = "full", shard_id: int = 0, num_shards: int = 1, seed: int = 0, epoch: int = 0,
                 crop: int | None = None, num_workers: int = 2, device_id: int | None = None,
-                on_error: str = "raise"):
+                on_error: str = "raise", min_crop_area: float = 0.35, flip: bool = True):
     """A DaliLoader or TorchLoader over this worker's part of `split`.
 
     `augment` applies in training only; `scenario` (full, missing:<m>, rate:<m>=<eta>) in evaluation only.
+    Training frames get a random-resized crop of `min_crop_area`..100% of the frame and, with `flip`, a
+    horizontal flip (turn it off for digits and text-like images).
     `device="gpu"` needs DALI and a CUDA device (`device_id`, e.g. from `ray.train.torch.get_device()`)."""
     dataset_dir = Path(dataset_dir)
     info = read_dataset_info(dataset_dir)
@@ -61,11 +63,12 @@ def make_loader(dataset_dir: str | Path, split: str, batch_size: int, *, backend
             eval_keep = np.ones((len(refs), len(info.modalities)), dtype=bool)
         return DaliLoader(info, refs, batch_size, device=device, train=train, augment=augment, eval_keep=eval_keep,
                           shard_id=shard_id, num_shards=num_shards, seed=seed, epoch=epoch, crop=crop,
-                          num_threads=max(1, num_workers), device_id=device_id if device_id is not None else 0)
+                          num_threads=max(1, num_workers), device_id=device_id if device_id is not None else 0,
+                          min_crop_area=min_crop_area, flip=flip)
     if device == "gpu":
         log.warning("the torch loader decodes on the CPU; move batches to the GPU in the training loop")
     from shards.torch_loader import TorchLoader
 
     return TorchLoader(info, refs, batch_size, train=train, augment=augment, eval_keep=eval_keep,
                        shard_id=shard_id, num_shards=num_shards, seed=seed, epoch=epoch, crop=crop,
-                       num_workers=num_workers, on_error=on_error)
+                       num_workers=num_workers, on_error=on_error, min_crop_area=min_crop_area, flip=flip)

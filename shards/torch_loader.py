@@ -2,7 +2,7 @@
 
 It reads members by the offsets in the `.idx` files (random access into the tars), decodes JPEG with
 Pillow and WAV/FLAC with the project's decoder, and computes the log-mel with `shards.features`, which
-reproduces DALI's operators. It is the fallback where DALI is absent and the baseline in benchmarks.
+reproduces DALI's operators; stored spectrograms and token ids are read as typed payloads. It is the fallback where DALI is absent and the baseline in benchmarks.
 Masks come from hashes of the keys, so a dropped modality is never decoded here either."""
 from __future__ import annotations
 
@@ -15,8 +15,8 @@ import torch
 from PIL import Image
 from torch.utils.data import DataLoader, Dataset, Sampler
 
-from shards.features import AudioParams, VisualParams, log_mel, mel_filters
-from shards.format import DatasetInfo, NPY_HEADER_BYTES, frame_member
+from shards.features import ModalityParams, VisualParams, log_mel, mel_filters, modality_params
+from shards.format import DatasetInfo, NPY_HEADER_BYTES, frame_member, npy_payload
 from shards.samples import SampleRef, shard_range
 from shards.scenarios import DropSpec, augment_keep, key_uniform, resolve_present
 
@@ -34,8 +34,9 @@ def read_member(ref: SampleRef, ext: str) -> bytes:
         return f.read(size)
 
 
-def decode_frames(jpegs: list[bytes], p: VisualParams, rng: np.random.Generator | None) -> np.ndarray:
-    """[T, 3, crop, crop] normalised float32; `rng` given means training crop + flip (shared by all frames)."""
+def decode_frames(jpegs: list[bytes], p: VisualParams, rng: np.random.Generator | None,
+                  min_crop_area: float = 0.35, flip: bool = True) -> np.ndarray:
+    """[T, 3, crop, crop] normalised float32; `rng` given means training crop (+ flip), shared by all frames."""
     images = [Image.open(io.BytesIO(b)).convert("RGB") for b in jpegs]
     w, h = images[0].size
     if rng is None:
@@ -44,12 +45,17 @@ def decode_frames(jpegs: list[bytes], p: VisualParams, rng: np.random.Generator 
         # DALI keeps one scale for both axes and centres the source region of the rounded output size
         src_w, src_h = size[0] / scale, size[1] / scale
         region = ((w - src_w) / 2, (h - src_h) / 2, (w + src_w) / 2, (h + src_h) / 2)
+        if min(region[:2]) < 0:  # rounding up made the region wider than the image (e.g. 340x256 -> 224):
+            pad = int(np.ceil(-min(region[:2])))  # Pillow refuses it; DALI clamps its samples to the edge
+            images = [_pad_edge(im, pad) for im in images]
+            region = tuple(r + pad for r in region)
         images = [im if im.size == size else im.resize(size, Image.BILINEAR, box=region) for im in images]
         left, top = int((size[0] - p.crop) / 2 + 0.5), int((size[1] - p.crop) / 2 + 0.5)  # DALI rounds half up
         box, flip = (left, top, left + p.crop, top + p.crop), False
         images = [im.crop(box) for im in images]
     else:
-        box, flip = _random_resized_box(w, h, rng), bool(rng.random() < 0.5)
+        box = _random_resized_box(w, h, rng, min_crop_area)
+        flip = bool(rng.random() < 0.5) and flip
         images = [im.resize((p.crop, p.crop), Image.BILINEAR, box=box) for im in images]
     clip = np.stack([np.asarray(im, dtype=np.float32) for im in images])  # T H W C
     if flip:
@@ -58,10 +64,16 @@ def decode_frames(jpegs: list[bytes], p: VisualParams, rng: np.random.Generator 
     return np.ascontiguousarray(clip.transpose(0, 3, 1, 2))
 
 
-def _random_resized_box(w: int, h: int, rng: np.random.Generator) -> tuple[float, float, float, float]:
-    """Random crop of 35-100% of the area, aspect ratio 3/4..4/3 (DALI's random_resized_crop defaults)."""
+def _pad_edge(image: Image.Image, pad: int) -> Image.Image:
+    """`image` with `pad` pixels of replicated edge on every side."""
+    return Image.fromarray(np.pad(np.asarray(image), ((pad, pad), (pad, pad), (0, 0)), mode="edge"))
+
+
+def _random_resized_box(w: int, h: int, rng: np.random.Generator,
+                        min_area: float) -> tuple[float, float, float, float]:
+    """Random crop of min_area..100% of the area, aspect ratio 3/4..4/3 (as DALI's random_resized_crop)."""
     for _ in range(10):
-        area = w * h * rng.uniform(0.35, 1.0)
+        area = w * h * rng.uniform(min_area, 1.0)
         ratio = np.exp(rng.uniform(np.log(3 / 4), np.log(4 / 3)))
         cw, ch = np.sqrt(area * ratio), np.sqrt(area / ratio)
         if cw <= w and ch <= h:
@@ -81,15 +93,18 @@ def decode_audio(data: bytes) -> np.ndarray:
 class ShardSamples(Dataset):
     """Map-style view of one worker's samples; each item is decoded with its masks applied."""
 
-    def __init__(self, info: DatasetInfo, refs: list[SampleRef], visual: VisualParams, audio: AudioParams,
+    def __init__(self, info: DatasetInfo, refs: list[SampleRef], params: ModalityParams,
                  train: bool, augment: DropSpec | None, eval_keep: np.ndarray | None, seed: int,
-                 on_error: str) -> None:
-        self.info, self.refs, self.visual, self.audio = info, refs, visual, audio
+                 on_error: str, min_crop_area: float = 0.35, flip: bool = True) -> None:
+        self.info, self.refs, self.params = info, refs, params
+        self.visual, self.audio = params.visual, params.audio
         self.train, self.augment, self.eval_keep, self.seed, self.on_error = train, augment, eval_keep, seed, on_error
         self.modalities = list(info.modalities)
-        self.audio_ext = info.audio.get("codec", "wav")
-        self.filters = torch.from_numpy(mel_filters(audio.sample_rate, audio.n_fft, audio.n_mels))
+        self.audio_ext = params.audio_member
+        audio = params.audio
+        self.filters = torch.from_numpy(mel_filters(audio.sample_rate, audio.n_fft, audio.n_mels)) if audio else None
         self.epoch = 0
+        self.min_crop_area, self.flip = min_crop_area, flip
 
     def __len__(self) -> int:
         return len(self.refs)
@@ -121,19 +136,31 @@ class ShardSamples(Dataset):
         return "text.npy" in ref.members
 
     def _decode(self, ref: SampleRef, present: dict[str, bool]) -> dict:
-        v, a = self.visual, self.audio
+        v, a, spec, text = self.visual, self.audio, self.params.spectrogram, self.params.text
         item = {"key": ref.key, "present": np.array([present[m] for m in self.modalities])}
         if "visual" in present:
             if present["visual"]:
                 rng = np.random.default_rng(int(key_uniform(ref.key, self.seed, f"crop:{self.epoch}") * 2**63)) if self.train else None
-                item["visual"] = decode_frames([read_member(ref, frame_member(t)) for t in range(v.frames)], v, rng)
+                item["visual"] = decode_frames([read_member(ref, frame_member(t)) for t in range(v.frames)], v, rng,
+                                               self.min_crop_area, self.flip)
             else:
                 item["visual"] = np.zeros((v.frames, 3, v.crop, v.crop), np.float32)
-        if "audio" in present:
+        if "audio" in present and spec is not None:
+            if present["audio"]:
+                values = npy_payload(read_member(ref, spec.member), np.float32).reshape(1, *spec.shape)
+                item["audio"] = values * np.float32(spec.scale)
+            else:
+                item["audio"] = np.zeros((1, *spec.shape), np.float32)
+        elif "audio" in present:
             if present["audio"]:
                 item["audio"] = log_mel(decode_audio(read_member(ref, self.audio_ext)), a, self.filters).numpy()
             else:
                 item["audio"] = np.zeros((1, a.n_mels, a.n_frames), np.float32)
+        if "text" in present:
+            if present["text"]:
+                item["text"] = npy_payload(read_member(ref, text.member), np.int32).astype(np.int64)
+            else:
+                item["text"] = np.zeros(text.max_len, np.int64)
         label = read_member(ref, "label.npy")
         if self.info.multilabel:
             item["label"] = np.frombuffer(label, np.float32, offset=NPY_HEADER_BYTES).copy()
@@ -182,12 +209,13 @@ class TorchLoader:
 
     def __init__(self, info: DatasetInfo, refs: list[SampleRef], batch_size: int, *, train: bool,
                  augment: DropSpec | None, eval_keep: np.ndarray | None, shard_id: int, num_shards: int,
-                 seed: int, epoch: int, crop: int | None, num_workers: int, on_error: str = "raise") -> None:
+                 seed: int, epoch: int, crop: int | None, num_workers: int, on_error: str = "raise",
+                 min_crop_area: float = 0.35, flip: bool = True) -> None:
         part = shard_range(len(refs), shard_id, num_shards)
         keep = None if eval_keep is None else eval_keep[part.start:part.stop]
         self.batch_size, self.train = batch_size, train
-        self.dataset = ShardSamples(info, [refs[i] for i in part], VisualParams.from_info(info.visual, crop),
-                                    AudioParams.from_info(info.audio), train, augment, keep, seed, on_error)
+        self.dataset = ShardSamples(info, [refs[i] for i in part], modality_params(info, crop), train, augment,
+                                    keep, seed, on_error, min_crop_area, flip)
         self.sampler = EpochSampler(len(self.dataset), train, seed)
         self.num_workers = num_workers
         self.epoch = epoch

@@ -33,6 +33,8 @@ class DataConfig:
     backend: str = "auto"  # "dali" | "torch" | "auto" (DALI when importable, else the torch loader)
     num_workers: int = 4  # loader worker processes/threads per Ray worker
     crop_size: int = 224  # square frame crop (random-resized in training, center in eval)
+    min_crop_area: float = 0.35  # training random-resized crop keeps this..100% of the frame area
+    flip: bool = True  # random horizontal flips in training (off for digits and text-like images)
 
 
 @dataclass
@@ -265,6 +267,7 @@ def _validate(config: Config, source: str) -> None:
     ):
         require(value > 0, key, value, "a positive integer")
     require(data.num_workers >= 0, "data.num_workers", data.num_workers, ">= 0")
+    require(0 < data.min_crop_area <= 1, "data.min_crop_area", data.min_crop_area, "in (0, 1]")
 
     choose("model.fusion", model.fusion, ("sum", "concat"))
     for table in ("encoders", "pretrained"):

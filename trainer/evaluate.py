@@ -16,6 +16,7 @@ from pathlib import Path
 import torch
 from tqdm import tqdm
 
+from shards.features import model_input_specs
 from shards.format import read_dataset_info
 from shards.loader import make_loader
 from shards.scenarios import parse_scenario, scenario_keep
@@ -82,7 +83,7 @@ def evaluate(config: Config, methods: list[Method], device: torch.device | None 
     models: dict[str, LateFusion] = {}
     for method in methods:
         if method.checkpoint not in models:
-            model = build_model(config.model, info.modalities, info.num_classes)
+            model = build_model(config.model, info.modalities, info.num_classes, input_specs=model_input_specs(info))
             load_weights(model, load_state(method.checkpoint), method.checkpoint)
             models[method.checkpoint] = model.to(device).eval()
     loader = make_loader(config.data.dataset_dir, config.eval.split, config.data.batch_size,

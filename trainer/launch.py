@@ -19,6 +19,7 @@ from pathlib import Path
 if __package__ in (None, ""):  # `python trainer/launch.py` from the repository root or a job's working dir
     sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
+from shards.features import model_input_specs  # noqa: E402
 from shards.format import FormatError, read_dataset_info  # noqa: E402
 from shards.scenarios import ScenarioError  # noqa: E402
 from trainer.checkpoint import CheckpointMismatch, load_state  # noqa: E402
@@ -88,7 +89,8 @@ def check_fits(config: Config, checkpoint: Path) -> None:
     from trainer.models import build_model
 
     info = read_dataset_info(config.data.dataset_dir)
-    load_weights(build_model(config.model, info.modalities, info.num_classes), load_state(checkpoint), str(checkpoint))
+    model = build_model(config.model, info.modalities, info.num_classes, input_specs=model_input_specs(info))
+    load_weights(model, load_state(checkpoint), str(checkpoint))
 
 
 def absolute(config: Config) -> Config:
@@ -171,7 +173,7 @@ def main(argv: list[str] | None = None) -> int:
         try:  # unknown encoder names, unreadable pretrained files: fail before any Ray work
             from trainer.models import build_model
 
-            build_model(config.model, info.modalities, info.num_classes)
+            build_model(config.model, info.modalities, info.num_classes, input_specs=model_input_specs(info))
         except (ValueError, OSError) as exc:
             raise ConfigError(f"{args.config}: [model] {exc}") from exc
         if config.mma.scheme in ("drop_one", "independent"):

@@ -19,6 +19,7 @@ import torch
 import torch.distributed as dist
 import torch.nn.functional as F
 
+from shards.features import model_input_specs
 from shards.format import read_dataset_info
 from shards.loader import make_loader
 from shards.scenarios import DropSpec
@@ -102,8 +103,7 @@ def _correct(logits: torch.Tensor, label: torch.Tensor, multilabel: bool) -> tor
 
 def make_model(config: Config, info) -> LateFusion:
     torch.manual_seed(config.train.seed)  # identical initial weights on every worker
-    model = build_model(config.model, info.modalities, info.num_classes)
-    return model
+    return build_model(config.model, info.modalities, info.num_classes, input_specs=model_input_specs(info))
 
 
 def train_loop_per_worker(loop_config: dict) -> None:
@@ -141,6 +141,7 @@ def train_loop_per_worker(loop_config: dict) -> None:
     use_gpu = device.type == "cuda"
     loader_args = dict(backend=config.data.backend, device="gpu" if use_gpu else "cpu", shard_id=rank,
                        num_shards=world, seed=config.train.seed, crop=config.data.crop_size,
+                       min_crop_area=config.data.min_crop_area, flip=config.data.flip,
                        num_workers=config.data.num_workers, device_id=device.index if use_gpu else None)
     train_loader = make_loader(config.data.dataset_dir, "train", config.data.batch_size, train=True,
                                augment=stage_augment(config, stage, info.modalities), epoch=start_epoch,
