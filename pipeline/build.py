@@ -7,6 +7,7 @@ checksum) last. A shard whose part file exists is done, so a rerun after a crash
 missing shards, and the output does not depend on the number of workers."""
 from __future__ import annotations
 
+import io
 import json
 import logging
 import os
@@ -24,7 +25,8 @@ from tqdm import tqdm
 
 from pipeline.datasets import ADAPTERS, Corpus, Reject, Sample, SourceError
 from pipeline.decode import DecodeError, decode_clip
-from pipeline.encode import encode_audio, encode_frame
+from pipeline.encode import encode_audio, encode_frame, encode_image_file, encode_text, load_array_row
+from pipeline.text import load_tokenizer, prepare_tokenizer
 from shards.format import FORMAT_VERSION, DatasetInfo, ShardInfo, encode_npy, frame_member
 from shards.writer import ShardWriter, atomic_write_bytes, write_shard
 
@@ -47,15 +49,32 @@ class BuildOptions:
     n_fft: int = 512
     win_length: int = 400
     hop_length: int = 160
+    max_len: int = 128  # text: token ids per sample (truncated or zero-padded)
+    vocab_size: int = 30000  # text: words in the default tokenizer's vocabulary (with [PAD] and [UNK])
+    tokenizer: str = ""  # text: a local Hugging Face tokenizer directory instead of the default
 
     def check(self) -> None:
         if self.audio_codec not in ("wav", "flac"):
             raise SourceError(f"--audio-codec {self.audio_codec!r}: use wav or flac")
-        for name in ("frames", "size", "sample_rate", "shard_size", "n_mels", "n_fft", "hop_length"):
+        for name in ("frames", "size", "sample_rate", "shard_size", "n_mels", "n_fft", "hop_length", "max_len"):
             if getattr(self, name) <= 0:
                 raise SourceError(f"--{name.replace('_', '-')} must be positive, got {getattr(self, name)}")
         if self.fps <= 0:
             raise SourceError(f"--fps must be positive, got {self.fps}")
+        if self.vocab_size < 3:
+            raise SourceError(f"--vocab-size must be at least 3 ([PAD], [UNK] and a word), got {self.vocab_size}")
+        if self.tokenizer and not (Path(self.tokenizer) / "tokenizer.json").is_file():
+            raise SourceError(f"--tokenizer {self.tokenizer}: no tokenizer.json there; pass a local Hugging Face "
+                              f"tokenizer directory")
+
+
+@dataclass(frozen=True)
+class BuildContext:
+    """What shard tasks need beyond the options: label shape and the dataset's tokenizer."""
+
+    num_classes: int
+    multilabel: bool
+    tokenizer: str = ""  # the `text.tokenizer` of dataset.json; "" when the dataset has no text
 
 
 @dataclass(frozen=True)
@@ -79,44 +98,96 @@ def plan_shards(samples: list[Sample], shard_size: int) -> list[ShardTask]:
     return tasks
 
 
-def encode_sample(sample: Sample, src: Path, opts: BuildOptions) -> tuple[dict[str, bytes], dict, Reject | None]:
-    """Decode one clip and encode its members; returns (members, manifest row, partial reject)."""
+def label_members(sample: Sample, ctx: BuildContext) -> dict[str, bytes]:
+    """`.cls` (index, or comma-separated indices) and `.label.npy` (int64 [1], or float32 multi-hot [C])."""
+    if ctx.multilabel:
+        hot = np.zeros(ctx.num_classes, dtype=np.float32)
+        hot[list(sample.labels)] = 1.0
+        return {"cls": ",".join(map(str, sample.labels)).encode(), "label.npy": encode_npy(hot)}
+    return {"cls": str(sample.label).encode(), "label.npy": encode_npy(np.array([sample.label], dtype=np.int64))}
+
+
+def encode_sample(sample: Sample, src: Path, opts: BuildOptions, ctx: BuildContext | None = None,
+                  out: Path | None = None) -> tuple[dict[str, bytes], dict, list[Reject]]:
+    """Decode one sample and encode its members; returns (members, manifest row, kept-sample rejects)."""
+    ctx = ctx or BuildContext(0, False)
+    if sample.kind == "image_text":
+        return _encode_image_text(sample, src, opts, ctx, out)
+    if sample.kind == "arrays":
+        return _encode_arrays(sample, src, opts, ctx)
     clip = decode_clip(src / sample.source, opts.frames, opts.fps, opts.sample_rate)
     has_audio = clip.audio is not None
     meta = {"key": sample.key, "split": sample.split, "label": sample.label, "source": sample.source,
             "duration": round(clip.duration, 3), "has_visual": True, "has_audio": has_audio}
-    members: dict[str, bytes] = {
-        "json": json.dumps(meta, sort_keys=True).encode(),
-        "cls": str(sample.label).encode(),
-        "label.npy": encode_npy(np.array([sample.label], dtype=np.int64)),
-    }
+    members: dict[str, bytes] = {"json": json.dumps(meta, sort_keys=True).encode(), **label_members(sample, ctx)}
     for i, frame in enumerate(clip.frames):
         members[frame_member(i)] = encode_frame(frame, opts.size, opts.jpeg_quality)
     if has_audio:
         members[opts.audio_codec] = encode_audio(clip.audio, opts.sample_rate, opts.audio_codec)
     row = dict(meta, audio_seconds=round(len(clip.audio) / opts.sample_rate, 3) if has_audio else 0.0)
-    partial = None
+    partial = []
     if clip.audio_note:
-        partial = Reject(sample.key, sample.split, sample.source, "audio", clip.audio_note, kept=True)
+        partial.append(Reject(sample.key, sample.split, sample.source, "audio", clip.audio_note, kept=True))
     return members, row, partial
 
 
-def run_shard_task(task: ShardTask, src: str, out: str, opts: BuildOptions) -> dict:
+def _encode_image_text(sample: Sample, src: Path, opts: BuildOptions, ctx: BuildContext,
+                       out: Path | None) -> tuple[dict[str, bytes], dict, list[Reject]]:
+    """mm_imdb / food101: the image as one JPEG frame (`f0.jpg`), the text as ids + zstd raw text."""
+    meta = {"key": sample.key, "split": sample.split, "label": sample.label, "labels": list(sample.labels),
+            "source": sample.source, "duration": 0.0, "has_visual": bool(sample.source),
+            "has_audio": False, "has_text": sample.text is not None}
+    members: dict[str, bytes] = {"json": json.dumps(meta, sort_keys=True).encode(), **label_members(sample, ctx)}
+    if sample.source:
+        members[frame_member(0)] = encode_image_file(src / sample.source, opts.size, opts.jpeg_quality)
+    if sample.text is not None:
+        tokenizer = load_tokenizer(str(out), ctx.tokenizer, opts.max_len)
+        members["text.npy"], members["text.txt.zst"] = encode_text(sample.text, tokenizer)
+    partial = []
+    if sample.text_replaced:
+        partial.append(Reject(sample.key, sample.split, sample.source, "text",
+                              f"{sample.text_replaced} invalid UTF-8 sequence(s) replaced by U+FFFD", kept=True))
+    return members, dict(meta, audio_seconds=0.0, text_replaced=sample.text_replaced), partial
+
+
+def _encode_arrays(sample: Sample, src: Path, opts: BuildOptions,
+                   ctx: BuildContext) -> tuple[dict[str, bytes], dict, list[Reject]]:
+    """av_mnist: the digit image as an RGB JPEG frame, the spectrogram as float32 `spec.npy`."""
+    image = load_array_row(src / sample.source, sample.row)
+    if image.size == 784:
+        image = image.reshape(28, 28)
+    if image.ndim != 2:
+        raise DecodeError("image", f"row {sample.row} of {sample.source} has shape {image.shape}, not 28x28 or 784")
+    if image.dtype.kind == "f" and float(image.max(initial=0.0)) <= 1.0:
+        image = image * 255.0
+    gray = np.clip(np.rint(image), 0, 255).astype(np.uint8)
+    spec = np.asarray(load_array_row(src / sample.audio_source, sample.row), dtype=np.float32)
+    if not np.isfinite(spec).all():
+        raise DecodeError("audio", f"row {sample.row} of {sample.audio_source} holds NaN or infinite values")
+    meta = {"key": sample.key, "split": sample.split, "label": sample.label, "labels": [sample.label],
+            "source": f"{sample.source}#{sample.row}", "duration": 0.0, "has_visual": True, "has_audio": True,
+            "has_text": False}
+    members: dict[str, bytes] = {"json": json.dumps(meta, sort_keys=True).encode(), **label_members(sample, ctx)}
+    members[frame_member(0)] = encode_frame(np.repeat(gray[:, :, None], 3, axis=2), opts.size, opts.jpeg_quality)
+    members["spec.npy"] = encode_npy(spec)
+    return members, dict(meta, audio_seconds=0.0, text_replaced=0), []
+
+
+def run_shard_task(task: ShardTask, src: str, out: str, opts: BuildOptions, ctx: BuildContext | None = None) -> dict:
     """Build one shard (tar + idx + part file). Runs in a worker process or as a Ray task."""
     src_path, out_path = Path(src), Path(out)
     writer = ShardWriter()
     rows, rejects = [], []
     for sample in task.samples:
         try:
-            members, row, partial = encode_sample(sample, src_path, opts)
+            members, row, partial = encode_sample(sample, src_path, opts, ctx, out_path)
         except DecodeError as exc:  # reasons name the source relative to --src, so rejects do not depend on it
             reason = exc.reason.replace(str(src_path / sample.source), sample.source)
             rejects.append(asdict(Reject(sample.key, sample.split, sample.source, exc.stage, reason)))
             continue
         writer.add(sample.key, members)
         rows.append(dict(row, shard=task.name))
-        if partial:
-            rejects.append(asdict(partial))
+        rejects.extend(asdict(r) for r in partial)
     part = {"shard": task.name, "split": task.split, "rows": rows, "rejects": rejects, "samples": len(writer)}
     if len(writer):
         tar_path = out_path / task.name
@@ -141,25 +212,27 @@ def _read_done(out: Path, task: ShardTask) -> dict | None:
     return part
 
 
-def _run_local(todo: list[ShardTask], src: Path, out: Path, opts: BuildOptions, workers: int) -> Iterator[dict]:
+def _run_local(todo: list[ShardTask], src: Path, out: Path, opts: BuildOptions, ctx: BuildContext,
+               workers: int) -> Iterator[dict]:
     if workers <= 1:
         for task in todo:
-            yield run_shard_task(task, str(src), str(out), opts)
+            yield run_shard_task(task, str(src), str(out), opts, ctx)
         return
     with ProcessPoolExecutor(max_workers=workers) as pool:
-        pending = {pool.submit(run_shard_task, t, str(src), str(out), opts) for t in todo}
+        pending = {pool.submit(run_shard_task, t, str(src), str(out), opts, ctx) for t in todo}
         while pending:
             done, pending = wait(pending, return_when=FIRST_COMPLETED)
             for future in done:
                 yield future.result()
 
 
-def _run_ray(todo: list[ShardTask], src: Path, out: Path, opts: BuildOptions, address: str | None) -> Iterator[dict]:
+def _run_ray(todo: list[ShardTask], src: Path, out: Path, opts: BuildOptions, ctx: BuildContext,
+             address: str | None) -> Iterator[dict]:
     import ray
 
     ray.init(address=address or None, ignore_reinit_error=True, log_to_driver=False)
     remote = ray.remote(num_cpus=1)(run_shard_task)
-    pending = [remote.remote(t, str(src), str(out), opts) for t in todo]
+    pending = [remote.remote(t, str(src), str(out), opts, ctx) for t in todo]
     while pending:
         done, pending = ray.wait(pending, num_returns=1)
         yield ray.get(done[0])
@@ -207,13 +280,22 @@ def build_shards(dataset: str, src: Path, out_root: Path, opts: BuildOptions, wo
                           f"({len(corpus.rejects)} rejected); check --src")
     out = prepare_out(out_root, dataset)
     _check_params(out, dataset, src, opts)
+    text_info = {}
+    if "text" in corpus.modalities:  # the vocabulary comes from the train split, before any shard
+        try:
+            text_info = prepare_tokenizer(out, (s.text for s in corpus.samples if s.split == "train" and s.text),
+                                          opts.max_len, opts.vocab_size, opts.tokenizer)
+        except ValueError as exc:
+            raise SourceError(str(exc)) from exc
+    ctx = BuildContext(len(corpus.classes), corpus.multilabel, text_info.get("tokenizer", ""))
     tasks = plan_shards(corpus.samples, opts.shard_size)
     parts = {t.name: p for t in tasks if (p := _read_done(out, t)) is not None}
     todo = [t for t in tasks if t.name not in parts]
     log.info("%s: %d samples in %d shards (%d already built), %d rejected by the adapter",
              dataset, len(corpus.samples), len(tasks), len(parts), len(corpus.rejects))
     workers = workers or os.cpu_count() or 1
-    runner = _run_ray(todo, src, out, opts, ray_address) if use_ray else _run_local(todo, src, out, opts, workers)
+    runner = (_run_ray(todo, src, out, opts, ctx, ray_address) if use_ray
+              else _run_local(todo, src, out, opts, ctx, workers))
     started = time.perf_counter()
     bar = tqdm(total=sum(len(t.samples) for t in todo), unit="clip", desc=f"build {dataset}", disable=not progress)
     for part in runner:
@@ -221,7 +303,7 @@ def build_shards(dataset: str, src: Path, out_root: Path, opts: BuildOptions, wo
         bar.update(len(part["rows"]) + sum(not r["kept"] for r in part["rejects"]))
     bar.close()
     elapsed = time.perf_counter() - started
-    info = _finish(out, dataset, corpus, tasks, parts, opts, src)
+    info = _finish(out, dataset, corpus, tasks, parts, opts, src, text_info)
     n_new = sum(len(t.samples) for t in todo)
     log.info("built %d clips in %.1f s (%.1f clips/s); %d samples, %d rejects -> %s",
              n_new, elapsed, n_new / elapsed if elapsed > 0 else 0.0,
@@ -230,7 +312,7 @@ def build_shards(dataset: str, src: Path, out_root: Path, opts: BuildOptions, wo
 
 
 def _finish(out: Path, dataset: str, corpus: Corpus, tasks: list[ShardTask], parts: dict[str, dict],
-            opts: BuildOptions, src: Path) -> DatasetInfo:
+            opts: BuildOptions, src: Path, text_info: dict) -> DatasetInfo:
     """Merge the part files into manifest.parquet, rejects.parquet and dataset.json (atomically)."""
     rows = sorted((r for t in tasks for r in parts[t.name]["rows"]), key=lambda r: (r["split"], r["key"]))
     rejects = [asdict(r) for r in corpus.rejects] + [r for t in tasks for r in parts[t.name]["rejects"]]
@@ -240,11 +322,14 @@ def _finish(out: Path, dataset: str, corpus: Corpus, tasks: list[ShardTask], par
         "split": [r["split"] for r in rows],
         "shard": [r["shard"] for r in rows],
         "label": pa.array([r["label"] for r in rows], pa.int64()),
-        "label_name": [corpus.classes[r["label"]] for r in rows],
+        "labels": pa.array([r.get("labels", [r["label"]]) for r in rows], pa.list_(pa.int64())),
+        "label_name": [_label_name(corpus, r) for r in rows],
         "has_visual": [r["has_visual"] for r in rows],
         "has_audio": [r["has_audio"] for r in rows],
+        "has_text": [r.get("has_text", False) for r in rows],
         "duration": pa.array([r["duration"] for r in rows], pa.float64()),
         "audio_seconds": pa.array([r["audio_seconds"] for r in rows], pa.float64()),
+        "text_replaced": pa.array([r.get("text_replaced", 0) for r in rows], pa.int64()),
         "source": [r["source"] for r in rows],
     })
     reject_table = pa.table({
@@ -266,23 +351,70 @@ def _finish(out: Path, dataset: str, corpus: Corpus, tasks: list[ShardTask], par
             "has_visual": sum(r["has_visual"] for r in split_rows),
             "has_audio": sum(r["has_audio"] for r in split_rows),
         }
+        if "text" in corpus.modalities:
+            splits[split]["has_text"] = sum(r.get("has_text", False) for r in split_rows)
     shards = [ShardInfo(t.name, t.split, parts[t.name]["samples"], parts[t.name]["sha256"], parts[t.name]["bytes"])
               for t in tasks if parts[t.name]["samples"]]
-    seconds = [r["audio_seconds"] for r in rows if r["has_audio"]]
+    build = {"src": src.name, "options": asdict(opts), "adapter_rejects": len(corpus.rejects)}
+    if "text" in corpus.modalities:
+        replaced = [r.get("text_replaced", 0) for r in rows]
+        build["text_replaced"] = {"samples": sum(n > 0 for n in replaced), "sequences": sum(replaced)}
     info = DatasetInfo(
-        dataset=dataset, modalities=corpus.modalities, classes=corpus.classes, multilabel=False,
-        visual={"frames": opts.frames, "fps": opts.fps, "short_side": opts.size, "format": "jpeg",
-                "jpeg_quality": opts.jpeg_quality, "crop": min(224, opts.size),
-                "mean": [0.485, 0.456, 0.406], "std": [0.229, 0.224, 0.225]},
-        audio={"sample_rate": opts.sample_rate, "codec": opts.audio_codec, "channels": 1,
-               "seconds": round(median(seconds), 1) if seconds else 0.0, "n_mels": opts.n_mels,
-               "n_fft": opts.n_fft, "win_length": opts.win_length, "hop_length": opts.hop_length,
-               "db_cutoff": 80.0},
-        splits=splits, shards=shards,
-        build={"src": src.name, "options": asdict(opts), "adapter_rejects": len(corpus.rejects)},
+        dataset=dataset, modalities=corpus.modalities, classes=corpus.classes, multilabel=corpus.multilabel,
+        visual=_visual_info(corpus, opts), audio=_audio_info(corpus, opts, rows, out, tasks, parts),
+        text=text_info, splits=splits, shards=shards, build=build,
     )
     atomic_write_bytes(out / "dataset.json", info.to_json().encode())
     return info
+
+
+def _label_name(corpus: Corpus, row: dict) -> str:
+    if corpus.multilabel:
+        return "|".join(corpus.classes[i] for i in row["labels"])
+    return corpus.classes[row["label"]]
+
+
+def _visual_info(corpus: Corpus, opts: BuildOptions) -> dict:
+    """Frame parameters: clips (T frames at fps), one image (T = 1), or the 28x28 AV-MNIST digit."""
+    imagenet = {"mean": [0.485, 0.456, 0.406], "std": [0.229, 0.224, 0.225]}
+    if corpus.name == "av_mnist":
+        side = min(28, opts.size)
+        return {"frames": 1, "short_side": side, "format": "jpeg", "jpeg_quality": opts.jpeg_quality,
+                "crop": side, "source": "array", "mean": [0.1307] * 3, "std": [0.3081] * 3}
+    if "audio" not in corpus.modalities:  # vision-language: one image per sample
+        return {"frames": 1, "short_side": opts.size, "format": "jpeg", "jpeg_quality": opts.jpeg_quality,
+                "crop": min(224, opts.size), "source": "image", **imagenet}
+    return {"frames": opts.frames, "fps": opts.fps, "short_side": opts.size, "format": "jpeg",
+            "jpeg_quality": opts.jpeg_quality, "crop": min(224, opts.size), **imagenet}
+
+
+def _audio_info(corpus: Corpus, opts: BuildOptions, rows: list[dict], out: Path, tasks: list[ShardTask],
+                parts: dict[str, dict]) -> dict:
+    """Waveform parameters (and the log-mel the loaders compute), or the shape of a stored spectrogram."""
+    if "audio" not in corpus.modalities:
+        return {}
+    if corpus.name == "av_mnist":
+        return {"kind": "spectrogram_array", "member": "spec.npy", "dtype": "float32",
+                "shape": _first_spectrogram_shape(out, tasks, parts), "scale": 1.0 / 255.0}
+    seconds = [r["audio_seconds"] for r in rows if r["has_audio"]]
+    return {"kind": "waveform", "sample_rate": opts.sample_rate, "codec": opts.audio_codec, "channels": 1,
+            "seconds": round(median(seconds), 1) if seconds else 0.0, "n_mels": opts.n_mels,
+            "n_fft": opts.n_fft, "win_length": opts.win_length, "hop_length": opts.hop_length,
+            "db_cutoff": 80.0}
+
+
+def _first_spectrogram_shape(out: Path, tasks: list[ShardTask], parts: dict[str, dict]) -> list[int]:
+    """[H, W] of the stored spectrograms, read from the first one (the loaders reshape to it)."""
+    from shards.format import read_index
+
+    for t in tasks:
+        if parts[t.name]["samples"]:
+            _, members = read_index((out / t.name).with_suffix(".idx"))[0]
+            offset, size = members["spec.npy"]
+            with open(out / t.name, "rb") as f:
+                f.seek(offset)
+                return list(np.load(io.BytesIO(f.read(size)), allow_pickle=False).shape)
+    return []
 
 
 def _write_parquet(path: Path, table: pa.Table) -> None:

@@ -39,13 +39,14 @@ def _cmd_build_shards(args: argparse.Namespace) -> int:
     opts = BuildOptions(frames=args.frames, fps=args.fps, size=args.size, jpeg_quality=args.jpeg_quality,
                         sample_rate=args.sample_rate, audio_codec=args.audio_codec, shard_size=args.shard_size,
                         n_mels=args.n_mels, n_fft=args.n_fft, win_length=args.win_length,
-                        hop_length=args.hop_length)
+                        hop_length=args.hop_length, max_len=args.max_len, vocab_size=args.vocab_size,
+                        tokenizer=str(Path(args.tokenizer).resolve()) if args.tokenizer else "")
     info = build_shards(args.dataset, src, Path(args.out), opts, workers=args.workers,
                         use_ray=args.ray is not None, ray_address=args.ray or None,
                         progress=not args.quiet, classes_file=Path(args.classes) if args.classes else None)
     for split, counts in info.splits.items():
-        print(f"{split}: {counts['samples']} samples, {counts['rejected']} rejected, "
-              f"{counts['samples'] - counts['has_audio']} without audio")
+        missing = ", ".join(f"{counts['samples'] - counts['has_' + m]} without {m}" for m in info.modalities)
+        print(f"{split}: {counts['samples']} samples, {counts['rejected']} rejected, {missing}")
     return 0
 
 
@@ -73,7 +74,7 @@ def _cmd_inspect(args: argparse.Namespace) -> int:
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="pipeline",
-        description="Turn raw audio-visual corpora into sharded WebDataset tar datasets for UME-MMA training.",
+        description="Turn raw multi-modal corpora into sharded WebDataset tar datasets for UME-MMA training.",
         formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     parser.add_argument("-q", "--quiet", action="store_true", help="no progress bars, warnings only")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
@@ -110,6 +111,11 @@ def build_parser() -> argparse.ArgumentParser:
     build.add_argument("--n-fft", type=int, default=512)
     build.add_argument("--win-length", type=int, default=400)
     build.add_argument("--hop-length", type=int, default=160)
+    build.add_argument("--max-len", type=int, default=128, help="text: token ids kept per sample (zero-padded)")
+    build.add_argument("--vocab-size", type=int, default=30000,
+                       help="text: vocabulary of the default tokenizer (most frequent train words + [PAD], [UNK])")
+    build.add_argument("--tokenizer", default=None, metavar="DIR",
+                       help="text: a local Hugging Face tokenizer directory (tokenizer.json) instead of the default")
     build.add_argument("--workers", type=int, default=None, help="local worker processes (default: all cores)")
     build.add_argument("--ray", nargs="?", const="", default=None, metavar="ADDRESS",
                        help="run shard tasks on a Ray cluster (address, or empty for RAY_ADDRESS/local); "

@@ -1,5 +1,9 @@
 """Dataset adapters: each reads a raw corpus in its public release's own layout and lists samples.
 
+Video datasets (kinetics_sound, ave, av_digits) give one source clip per sample; the vision-language
+datasets (mm_imdb, food101) give an image path (possibly none) and the text, read and decoded here so
+the build can make the vocabulary from the train split first; av_mnist gives rows of the public arrays.
+
 An adapter returns `Sample`s (stable key, split, label, source file) and `Reject`s for annotation rows
 that cannot become samples (file not there, malformed row, a path outside --src); rows of classes the
 dataset does not keep (Kinetics-400 classes outside Kinetics-Sound) are skipped silently. Keys come from the source
@@ -7,12 +11,18 @@ ids, never from enumeration order, so a rebuild is deterministic."""
 from __future__ import annotations
 
 import csv
+import io
+import json
 from dataclasses import dataclass
 from importlib import resources
 from pathlib import Path
 from typing import Callable
 
+import numpy as np
+
+from pipeline.text import decode_text
 from shards.format import sanitize_key
+from shards.scenarios import key_uniform
 
 
 class SourceError(ValueError):
@@ -21,10 +31,20 @@ class SourceError(ValueError):
 
 @dataclass(frozen=True)
 class Sample:
+    """One sample to build. `kind` says how: "video" (a clip at `source`), "image_text" (an image at
+    `source`, "" when there is none, and `text`, None when there is none) or "arrays" (row `row` of the
+    image array at `source` and of the audio array at `audio_source`)."""
+
     key: str
     split: str
-    label: int
+    label: int  # class index; -1 for multi-label samples (see `labels`)
     source: str  # path relative to --src
+    kind: str = "video"
+    labels: tuple[int, ...] = ()  # multi-label: the class indices
+    text: str | None = None
+    text_replaced: int = 0  # invalid UTF-8 sequences replaced by U+FFFD in the text's source
+    audio_source: str = ""
+    row: int = -1
 
 
 @dataclass(frozen=True)
@@ -46,6 +66,7 @@ class Corpus:
     classes: list[str]
     samples: list[Sample]
     rejects: list[Reject]
+    multilabel: bool = False
 
 
 def _require_file(path: Path, what: str, fix: str) -> Path:
@@ -186,8 +207,183 @@ def av_digits(src: Path) -> Corpus:
     return Corpus("av_digits", ["visual", "audio"], classes, samples, rejects)
 
 
+# ------------------------------------------------------------------------------------ vision-language
+MMIMDB_GENRES = ("Drama", "Comedy", "Romance", "Thriller", "Crime", "Action", "Adventure", "Horror",
+                 "Documentary", "Mystery", "Sci-Fi", "Fantasy", "Family", "Biography", "War", "History",
+                 "Music", "Animation", "Musical", "Western", "Sport", "Short", "Film-Noir")
+"""The 23 genres of the MM-IMDB paper (Arevalo et al. 2017), most frequent first; other genres are ignored."""
+MMIMDB_SPLITS = {"train": "train", "dev": "val", "test": "test"}
+
+
+def mm_imdb(src: Path) -> Corpus:
+    """MM-IMDB release (`mmimdb.tar.gz`): `split.json` ({"train": [ids], "dev": [ids], "test": [ids]};
+    `dev` becomes the `val` split) and `dataset/<id>.json` + `dataset/<id>.jpeg` per movie. The json's
+    `genres` (a list of names; only the paper's 23 genres count, multi-label) and `plot` (a list of plot
+    summaries; joined with spaces) are used. --src is the `mmimdb` folder or the folder holding it.
+
+    A movie without plot or without poster is kept without that modality; one with neither, with none of
+    the 23 genres, or whose json is missing or malformed is rejected. Bytes that are not UTF-8 are replaced
+    and counted (`text_replaced`)."""
+    _require_dir(src, "mm_imdb")
+    root = src / "mmimdb" if (src / "mmimdb" / "split.json").is_file() else src
+    fix = "the MM-IMDB release has mmimdb/split.json and mmimdb/dataset/<id>.json + <id>.jpeg"
+    split_path = _require_file(root / "split.json", "split.json", fix)
+    try:
+        splits = json.loads(split_path.read_text(encoding="utf-8"))
+    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+        raise SourceError(f"{split_path}: not valid JSON ({exc}); {fix}") from exc
+    if not isinstance(splits, dict) or not set(splits) & set(MMIMDB_SPLITS):
+        raise SourceError(f"{split_path}: expected an object with train/dev/test id lists; {fix}")
+    prefix = "" if root == src else "mmimdb/"
+    index = {g: i for i, g in enumerate(MMIMDB_GENRES)}
+    samples: dict[str, Sample] = {}
+    rejects: list[Reject] = []
+    for raw_split, ids in splits.items():
+        split = MMIMDB_SPLITS.get(raw_split, raw_split)
+        for movie_id in ids:
+            try:
+                key = sanitize_key(str(movie_id))
+            except ValueError as exc:
+                rejects.append(Reject("", split, "", "annotation", f"unusable id {movie_id!r} in split.json: {exc}"))
+                continue
+            rel_json = f"{prefix}dataset/{movie_id}.json"
+            path = src / rel_json
+            if not path.is_file():
+                rejects.append(Reject(key, split, rel_json, "source", "movie json not found"))
+                continue
+            text, replaced = decode_text(path.read_bytes())
+            try:
+                meta = json.loads(text)
+                genres = meta.get("genres") or []
+                plot = meta.get("plot") or []
+            except (json.JSONDecodeError, AttributeError) as exc:
+                rejects.append(Reject(key, split, rel_json, "annotation", f"movie json is not a JSON object ({exc})"))
+                continue
+            labels = tuple(sorted({index[g] for g in genres if g in index}))
+            if not labels:
+                rejects.append(Reject(key, split, rel_json, "annotation", f"none of the 23 genres in {genres!r}"))
+                continue
+            plot_text = " ".join(str(p) for p in plot) if isinstance(plot, list) else str(plot)
+            plot_text = plot_text.strip() or None
+            rel_poster = f"{prefix}dataset/{movie_id}.jpeg"
+            poster = rel_poster if (src / rel_poster).is_file() else ""
+            if plot_text is None and not poster:
+                rejects.append(Reject(key, split, rel_json, "annotation", "neither poster nor plot"))
+                continue
+            if key in samples:
+                rejects.append(Reject(key, split, rel_json, "annotation", f"duplicate key (also {samples[key].split})"))
+                continue
+            samples[key] = Sample(key, split, -1, poster, kind="image_text", labels=labels, text=plot_text,
+                                  text_replaced=replaced if plot_text else 0)
+    ordered = sorted(samples.values(), key=lambda s: (s.split, s.key))
+    return Corpus("mm_imdb", ["visual", "text"], list(MMIMDB_GENRES), ordered, rejects, multilabel=True)
+
+
+FOOD101_VAL_FRACTION = 0.1
+"""UPMC Food-101 ships train and test only; a fixed 10% of train (by a hash of the key) is `val`, about
+the 61,142 / 6,846 split of METHOD.md's reference."""
+
+
+def food101(src: Path) -> Corpus:
+    """UPMC Food-101: `images/{train,test}/<class>/<class>_<n>.jpg` and `texts/{train,test}_titles.csv`,
+    header-less rows `image file name,title text,class name` (the title is the text of the web page the
+    image came from). Classes are the sorted class folders of `images/train` (or the CSVs' class names).
+    A blank or short CSV row, an unknown class or an image not on disk is rejected; an empty title is kept
+    as a sample without text. Bytes that are not UTF-8 are replaced and counted (`text_replaced`)."""
+    _require_dir(src, "food101")
+    fix = "the UPMC Food-101 release has images/{train,test}/<class>/*.jpg and texts/{train,test}_titles.csv"
+    rows: list[tuple[str, int, list[str], int]] = []
+    for split in ("train", "test"):
+        path = _require_file(src / "texts" / f"{split}_titles.csv", f"texts/{split}_titles.csv", fix)
+        text, replaced = decode_text(path.read_bytes())
+        for line, row in enumerate(csv.reader(io.StringIO(text, newline="")), start=1):
+            rows.append((split, line, row, sum(f.count("\ufffd") for f in row) if replaced else 0))
+    class_dir = src / "images" / "train"
+    classes = sorted(p.name for p in class_dir.iterdir() if p.is_dir()) if class_dir.is_dir() else []
+    if not classes:
+        classes = sorted({r[2].strip() for _, _, r, _ in rows if len(r) >= 3 and r[2].strip()})
+    index = {c: i for i, c in enumerate(classes)}
+    root = src.resolve()
+    samples: dict[str, Sample] = {}
+    rejects: list[Reject] = []
+    for csv_split, line, row, replaced in rows:
+        where = f"texts/{csv_split}_titles.csv line {line}"
+        if not any(field.strip() for field in row):
+            rejects.append(Reject("", csv_split, where, "annotation", "empty CSV row"))
+            continue
+        if len(row) < 3:
+            rejects.append(Reject("", csv_split, where, "annotation", f"expected file,title,class; got {row!r}"))
+            continue
+        name, title, label = row[0].strip(), row[1], row[2].strip()
+        try:
+            key = sanitize_key(f"{csv_split}_{Path(name).stem}")
+        except ValueError as exc:
+            rejects.append(Reject("", csv_split, where, "annotation", f"unusable file name {name!r}: {exc}"))
+            continue
+        if label not in index:
+            rejects.append(Reject(key, csv_split, where, "annotation", f"unknown class {label!r}"))
+            continue
+        rel = f"images/{csv_split}/{label}/{name}"
+        if not (src / rel).resolve().is_relative_to(root):
+            rejects.append(Reject(key, csv_split, rel, "annotation", "source path points outside --src"))
+            continue
+        if not (src / rel).is_file():
+            rejects.append(Reject(key, csv_split, rel, "source", "annotated image not found"))
+            continue
+        if key in samples:
+            rejects.append(Reject(key, csv_split, rel, "annotation", f"duplicate key (also {samples[key].source})"))
+            continue
+        split = csv_split
+        if split == "train" and key_uniform(key, 0, "food101:val") < FOOD101_VAL_FRACTION:
+            split = "val"
+        samples[key] = Sample(key, split, index[label], rel, kind="image_text", text=title.strip() or None,
+                              text_replaced=replaced if title.strip() else 0)
+    ordered = sorted(samples.values(), key=lambda s: (s.split, s.key))
+    return Corpus("food101", ["visual", "text"], classes, ordered, rejects)
+
+
+# ------------------------------------------------------------------------------------------ AV-MNIST
+AVMNIST_VAL_FROM = 55 / 60
+"""MultiBench keeps the last 5,000 of the 60,000 training rows for validation (55,000 / 5,000 / 10,000)."""
+
+
+def av_mnist(src: Path) -> Corpus:
+    """The public AV-MNIST arrays (the `avmnist` folder MultiBench's loader reads): `image/{train,test}_data.npy`
+    (N x 784 or N x 28 x 28 MNIST digits, 0..255), `audio/{train,test}_data.npy` (N x 112 x 112 spectrograms
+    of spoken digits) and `{train,test}_labels.npy` (N digits). --src is the `avmnist` folder or its parent.
+    Keys are `<file split>_<row>`; the last twelfth of the train rows (5,000 of 60,000) is `val`."""
+    _require_dir(src, "av_mnist")
+    root = src / "avmnist" if (src / "avmnist" / "train_labels.npy").is_file() else src
+    prefix = "" if root == src else "avmnist/"
+    fix = "the AV-MNIST folder has image/{train,test}_data.npy, audio/{train,test}_data.npy, {train,test}_labels.npy"
+    samples, rejects = [], []
+    for file_split in ("train", "test"):
+        rels = {m: f"{prefix}{m}/{file_split}_data.npy" for m in ("image", "audio")}
+        labels_path = _require_file(root / f"{file_split}_labels.npy", f"{file_split}_labels.npy", fix)
+        labels = np.load(labels_path, mmap_mode="r").reshape(-1)
+        lengths = {"labels": len(labels)}
+        for m, rel in rels.items():
+            lengths[m] = np.load(_require_file(src / rel, rel, fix), mmap_mode="r").shape[0]
+        if len(set(lengths.values())) != 1:
+            raise SourceError(f"{root}: {file_split} arrays disagree on the number of rows ({lengths}); {fix}")
+        val_from = int(len(labels) * AVMNIST_VAL_FROM) if file_split == "train" else len(labels)
+        for row, label in enumerate(labels.tolist()):
+            key = f"{file_split}_{row:05d}"
+            split = "val" if row >= val_from else file_split
+            if not (isinstance(label, (int, float)) and float(label).is_integer() and 0 <= label <= 9):
+                rejects.append(Reject(key, split, rels["image"], "annotation", f"label {label!r} is not a digit 0..9"))
+                continue
+            samples.append(Sample(key, split, int(label), rels["image"], kind="arrays",
+                                  audio_source=rels["audio"], row=row))
+    samples.sort(key=lambda s: (s.split, s.key))
+    return Corpus("av_mnist", ["visual", "audio"], [str(d) for d in range(10)], samples, rejects)
+
+
 ADAPTERS: dict[str, Callable[..., Corpus]] = {
     "kinetics_sound": kinetics_sound,
     "ave": ave,
     "av_digits": av_digits,
+    "mm_imdb": mm_imdb,
+    "food101": food101,
+    "av_mnist": av_mnist,
 }

@@ -5,12 +5,17 @@ from __future__ import annotations
 
 import io
 import wave
+from functools import lru_cache
+from pathlib import Path
 
 import av
 import numpy as np
+import zstandard
 from PIL import Image
 
 from pipeline.decode import DecodeError
+from pipeline.text import Tokenizer
+from shards.format import encode_npy
 
 
 def encode_frame(frame: np.ndarray, short_side: int, quality: int) -> bytes:
@@ -78,3 +83,33 @@ def encode_audio(audio: np.ndarray, sample_rate: int, codec: str) -> bytes:
     if len(back) != len(audio):
         raise DecodeError("encode", f"{codec} round trip gave {len(back)} samples instead of {len(audio)}")
     return data
+
+
+def encode_image_file(path: Path, short_side: int, quality: int) -> bytes:
+    """An image file (any format Pillow reads: JPEG, PNG, CMYK, grayscale) as an RGB JPEG frame."""
+    try:
+        with Image.open(path) as image:
+            rgb = np.asarray(image.convert("RGB"))
+    except (OSError, ValueError, SyntaxError, Image.DecompressionBombError) as exc:
+        raise DecodeError("image", f"image does not decode ({type(exc).__name__}: {exc})") from exc
+    return encode_frame(rgb, short_side, quality)
+
+
+def encode_text(text: str, tokenizer: Tokenizer) -> tuple[bytes, bytes]:
+    """(`text.npy`: int32 [max_len] ids, `text.txt.zst`: the raw UTF-8 text, zstandard level 10)."""
+    ids = encode_npy(tokenizer.encode(text))
+    raw = zstandard.ZstdCompressor(level=10).compress(text.encode("utf-8"))
+    return ids, raw
+
+
+@lru_cache(maxsize=8)
+def _open_array(path: str) -> np.ndarray:
+    return np.load(path, mmap_mode="r", allow_pickle=False)
+
+
+def load_array_row(path: Path, row: int) -> np.ndarray:
+    """Row `row` of a .npy array on disk (memory-mapped once per process)."""
+    try:
+        return np.array(_open_array(str(path))[row])
+    except (OSError, ValueError, IndexError) as exc:
+        raise DecodeError("source", f"cannot read row {row} of {path.name} ({exc})") from exc

@@ -2,7 +2,8 @@
 
 Everything about the data comes from `dataset.json`; the caller chooses the backend, device, training
 augmentation or evaluation scenario, its part of the data (shard id / number of shards), seed and
-epoch. Both backends yield the dicts of DESIGN.md: visual, audio, present, label, key."""
+epoch. Both backends yield the dicts of DESIGN.md: visual, audio, text (those the dataset has), present,
+label, key."""
 from __future__ import annotations
 
 import importlib.util

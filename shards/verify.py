@@ -9,6 +9,7 @@ from pathlib import Path
 
 import numpy as np
 import pyarrow.parquet as pq
+import zstandard
 from PIL import Image
 from tqdm import tqdm
 
@@ -41,8 +42,18 @@ def _decode_member(ext: str, data: bytes) -> None:
     elif ext in ("wav", "flac"):
         if len(decode_audio_member(data)) == 0:
             raise ValueError("audio member holds no samples")
+    elif ext == "text.npy":
+        ids = np.load(io.BytesIO(data), allow_pickle=False)
+        if ids.dtype != np.int32 or ids.ndim != 1 or (ids < 0).any():
+            raise ValueError(f"token ids must be non-negative int32 [L], got {ids.dtype} {ids.shape}")
+    elif ext == "spec.npy":
+        spec = np.load(io.BytesIO(data), allow_pickle=False)
+        if spec.dtype != np.float32 or spec.ndim != 2 or not np.isfinite(spec).all():
+            raise ValueError(f"spectrogram must be finite float32 [H, W], got {spec.dtype} {spec.shape}")
     elif ext.endswith("npy"):
         np.load(io.BytesIO(data), allow_pickle=False)
+    elif ext.endswith("zst"):
+        zstandard.ZstdDecompressor().decompress(data).decode("utf-8")
     elif ext == "json":
         json.loads(data)
     elif ext == "cls":
@@ -109,20 +120,30 @@ def inspect_dataset(dataset_dir: Path) -> str:
     info = read_dataset_info(dataset_dir)
     manifest = pq.read_table(dataset_dir / "manifest.parquet").to_pylist()
     rejects = pq.read_table(dataset_dir / "rejects.parquet").to_pylist() if (dataset_dir / "rejects.parquet").is_file() else []
+    described = {"visual": f"frames: {info.visual.get('frames')} x short side {info.visual.get('short_side')} px JPEG",
+                 "text": f"text: {info.text.get('tokenizer')}, {info.text.get('vocab_size')} tokens, "
+                         f"{info.text.get('max_len')} ids per sample"}
+    if info.audio.get("kind") == "spectrogram_array":
+        described["audio"] = f"audio: stored spectrograms {info.audio.get('shape')}"
+    else:
+        described["audio"] = (f"audio: {info.audio.get('sample_rate')} Hz {info.audio.get('codec')}, "
+                              f"median {info.audio.get('seconds')} s")
     lines = [f"dataset {info.dataset} (format v{info.format_version}) at {dataset_dir}",
-             f"modalities: {', '.join(info.modalities)}; {info.num_classes} classes",
-             f"frames: {info.visual.get('frames')} x short side {info.visual.get('short_side')} px JPEG; "
-             f"audio: {info.audio.get('sample_rate')} Hz {info.audio.get('codec')}, median {info.audio.get('seconds')} s",
-             "", f"{'split':<8}{'samples':>9}{'shards':>8}{'MiB':>9}{'no visual':>11}{'no audio':>10}{'rejected':>10}"]
+             f"modalities: {', '.join(info.modalities)}; {info.num_classes} classes"
+             f"{' (multi-label)' if info.multilabel else ''}",
+             "; ".join(described[m] for m in info.modalities),
+             "", f"{'split':<8}{'samples':>9}{'shards':>8}{'MiB':>9}"
+             + "".join(f"{'no ' + m:>11}" for m in info.modalities) + f"{'rejected':>10}"]
     for split, counts in info.splits.items():
         shards = info.shards_of(split)
         mib = sum(s.bytes for s in shards) / 2**20
         n = max(counts["samples"], 1)
         lines.append(f"{split:<8}{counts['samples']:>9}{len(shards):>8}{mib:>9.1f}"
-                     f"{(counts['samples'] - counts['has_visual']) / n:>10.1%}"
-                     f"{(counts['samples'] - counts['has_audio']) / n:>10.1%}{counts['rejected']:>10}")
+                     + "".join(f"{(counts['samples'] - counts['has_' + m]) / n:>11.1%}" for m in info.modalities)
+                     + f"{counts['rejected']:>10}")
     lines += ["", "samples per class and split:"]
-    per = Counter((r["label_name"], r["split"]) for r in manifest)
+    per = Counter((name, r["split"]) for r in manifest
+                  for name in (r["label_name"].split("|") if info.multilabel else [r["label_name"]]))
     splits = list(info.splits)
     lines.append(f"{'class':<28}" + "".join(f"{s:>8}" for s in splits))
     for name in info.classes:

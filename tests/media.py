@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import csv
+import json
 import shutil
 import subprocess
 from pathlib import Path
@@ -100,3 +101,132 @@ def ave_corpus(root: Path) -> dict[str, list[str]]:
     for split, split_lines in lines.items():
         (root / f"{split}Set.txt").write_text("\n".join([header] + split_lines) + "\n")
     return kinds
+
+
+# ------------------------------------------------------------------ vision-language and AV-MNIST layouts
+def class_image(path: Path, cls: int, variant: int, size: tuple[int, int] = (72, 96), mode: str = "RGB") -> Path:
+    """A small JPEG whose colour and stripe position tell the class (so a short training run can learn it)."""
+    import numpy as np
+    from PIL import Image
+
+    w, h = size
+    pixels = np.zeros((h, w, 3), dtype=np.uint8)
+    pixels[:] = [(60 * cls) % 256, (150 + 40 * cls) % 256, (90 * cls + 30) % 256]
+    band = (cls * h // 5) % (h - 8)
+    pixels[band:band + 8] = 255 - pixels[band:band + 8]
+    pixels[:, variant % w] = 0
+    path.parent.mkdir(parents=True, exist_ok=True)
+    Image.fromarray(pixels).convert(mode).save(path, format="JPEG", quality=90)
+    return path
+
+
+MM_IMDB_GENRES = ["Drama", "Comedy", "Horror"]  # three of the 23, and one outside them
+GENRE_WORDS = {"Drama": "family tears secret", "Comedy": "funny wedding chaos", "Horror": "ghost night blood"}
+
+
+def mm_imdb_corpus(root: Path) -> dict[str, list[str]]:
+    """MM-IMDB release layout under `root/mmimdb`: split.json (train/dev/test id lists) and
+    dataset/<id>.json (genres, plot list, title, ...) + dataset/<id>.jpeg; 20 movies with bad cases."""
+    data = root / "mmimdb" / "dataset"
+    data.mkdir(parents=True)
+    splits: dict[str, list[str]] = {"train": [], "dev": [], "test": []}
+    kinds: dict[str, list[str]] = {k: [] for k in ("good", "no_plot", "no_poster", "bad_image", "other_script",
+                                                   "bad_utf8", "no_genre", "no_json")}
+    special = {1: "no_plot", 2: "no_poster", 3: "bad_image", 4: "other_script", 5: "bad_utf8", 6: "no_genre",
+               7: "no_json", 14: "no_poster", 17: "no_plot"}
+    for i in range(20):
+        movie_id = f"{i:07d}"
+        split = "train" if i < 12 else "dev" if i < 15 else "test"
+        splits[split].append(movie_id)
+        kind = special.get(i, "good")
+        kinds[kind].append(movie_id)
+        if kind == "no_json":
+            continue
+        genres = [MM_IMDB_GENRES[i % 3]] + ([MM_IMDB_GENRES[(i + 1) % 3]] if i % 4 == 0 else [])
+        if kind == "no_genre":
+            genres = ["Reality-TV"]
+        plot = [f"A story of {' '.join(GENRE_WORDS[g] for g in genres if g in GENRE_WORDS)} number {i}."]
+        if kind == "other_script":
+            plot = ["東京の夜、幽霊が現れる。", "Призрак появляется ночью."]
+        meta = {"title": f"Movie {i}", "genres": genres, "imdb_id": movie_id, "year": 1990 + i}
+        if kind != "no_plot":
+            meta["plot"] = plot
+        text = json.dumps(meta, ensure_ascii=False).encode("utf-8")
+        if kind == "bad_utf8":  # Latin-1 bytes inside an otherwise UTF-8 file
+            text = text.replace(b"number", b"caf\xe9 \xff number")
+        (data / f"{movie_id}.json").write_bytes(text)
+        if kind == "bad_image":
+            (data / f"{movie_id}.jpeg").write_bytes(b"\xff\xd8\xff\xe0 not really a jpeg" * 20)
+        elif kind != "no_poster":
+            class_image(data / f"{movie_id}.jpeg", i % 3, i, mode="L" if i == 8 else "RGB")
+    (root / "mmimdb" / "split.json").write_text(json.dumps(splits))
+    return kinds
+
+
+FOOD_CLASSES = ["apple_pie", "baby_back_ribs", "baklava"]
+FOOD_WORDS = {"apple_pie": "apple pie recipe cinnamon", "baby_back_ribs": "ribs barbecue smoked pork",
+              "baklava": "baklava honey pastry walnuts"}
+
+
+def food101_corpus(root: Path) -> dict[str, list[str]]:
+    """UPMC Food-101 layout: images/{train,test}/<class>/<class>_<n>.jpg and header-less
+    texts/{train,test}_titles.csv rows (file,title,class), with an empty row, a blank title, an image that
+    does not decode, a title in another script and one with invalid UTF-8 bytes."""
+    kinds: dict[str, list[str]] = {k: [] for k in ("good", "no_title", "bad_image", "other_script", "bad_utf8",
+                                                   "missing_image")}
+    (root / "texts").mkdir(parents=True)
+    for split, per_class in (("train", 5), ("test", 2)):
+        lines: list[bytes] = []
+        for c, name in enumerate(FOOD_CLASSES):
+            for n in range(per_class):
+                file = f"{name}_{n}.jpg"
+                key = f"{split}_{name}_{n}"
+                title = f"{FOOD_WORDS[name]} best homemade {n}".encode()
+                kind = "good"
+                if split == "train" and n == 1:
+                    kind = ["no_title", "other_script", "bad_utf8"][c]
+                if split == "train" and n == 2 and c == 0:
+                    kind = "bad_image"
+                if split == "test" and n == 1 and c == 2:
+                    kind = "missing_image"
+                kinds[kind].append(key)
+                if kind == "no_title":
+                    title = b""
+                elif kind == "other_script":
+                    title = "ضلوع مشوية 烤排骨 ребрышки".encode()
+                elif kind == "bad_utf8":
+                    title = b"baklava p\xe2tisserie \xc3 honey"
+                path = root / "images" / split / name / file
+                if kind == "bad_image":
+                    path.parent.mkdir(parents=True, exist_ok=True)
+                    path.write_bytes(b"GIF89a but not an image at all" * 10)
+                elif kind != "missing_image":
+                    class_image(path, c, n)
+                lines.append(b'"' + file.encode() + b'","' + title + b'",' + name.encode())
+            if split == "train" and c == 0:
+                lines.append(b"")  # an empty CSV row
+        (root / "texts" / f"{split}_titles.csv").write_bytes(b"\n".join(lines) + b"\n")
+    return kinds
+
+
+def av_mnist_corpus(root: Path, n_train: int = 24, n_test: int = 8) -> dict[str, list[str]]:
+    """The AV-MNIST arrays MultiBench reads, under `root/avmnist`: image/{train,test}_data.npy (N x 784
+    uint8), audio/{train,test}_data.npy (N x 112 x 112 float, 0..255), {train,test}_labels.npy; only
+    three digits, drawn as class-dependent bars so a short run can learn them."""
+    import numpy as np
+
+    rng = np.random.default_rng(0)
+    base = root / "avmnist"
+    for sub in ("image", "audio"):
+        (base / sub).mkdir(parents=True, exist_ok=True)
+    for split, n in (("train", n_train), ("test", n_test)):
+        labels = np.arange(n) % 3
+        images = rng.integers(0, 40, size=(n, 28, 28)).astype(np.uint8)
+        audio = rng.uniform(0, 60, size=(n, 112, 112)).astype(np.float32)
+        for i, d in enumerate(labels):
+            images[i, 4 + 7 * d: 10 + 7 * d, 4:24] = 250
+            audio[i, 10 + 30 * d: 30 + 30 * d, :] += 180
+        np.save(base / "image" / f"{split}_data.npy", images.reshape(n, 784))
+        np.save(base / "audio" / f"{split}_data.npy", audio)
+        np.save(base / f"{split}_labels.npy", labels.astype(np.int64))
+    return {"train": [f"train_{i:05d}" for i in range(n_train)], "test": [f"test_{i:05d}" for i in range(n_test)]}
