@@ -258,9 +258,11 @@ def _check_params(out: Path, dataset: str, src: Path, opts: BuildOptions) -> Non
     if path.is_file():
         before = json.loads(path.read_text())
         if before != params:
-            changed = sorted(k for k in before["options"] if before["options"].get(k) != params["options"].get(k))
+            options = set(before["options"]) | set(params["options"])
+            changed = sorted(k for k in options if before["options"].get(k) != params["options"].get(k))
+            changed += [k for k in ("dataset", "src", "format_version") if before.get(k) != params.get(k)]
             raise SourceError(
-                f"{out} holds a build with other parameters ({', '.join(changed) or 'source'} differ); "
+                f"{out} holds a build with other parameters ({', '.join(changed)} differ); "
                 f"pass a new --out or delete {out} to rebuild")
     else:
         atomic_write_bytes(path, json.dumps(params, indent=2, sort_keys=True).encode())

@@ -53,7 +53,7 @@ def multimodal_pipeline(tars: list[str], idxs: list[str], modalities: list[str],
     members = fn.readers.webdataset(
         paths=tars, index_paths=idxs, ext=exts + ["label.npy"], missing_component_behavior="empty",
         dtypes=dtypes + [label_dtype], random_shuffle=train, initial_fill=256, seed=rng_seed, shard_id=shard_id,
-        num_shards=num_shards, pad_last_batch=not train, stick_to_shard=True, name=READER)
+        num_shards=num_shards, pad_last_batch=True, stick_to_shard=True, name=READER)
     members, label = list(members[:-1]), members[-1]
     jpegs = [members.pop(0) for _ in range(visual.frames)] if visual is not None else []
     sound = members.pop(0) if audio is not None or spec is not None else None
@@ -186,13 +186,15 @@ class DaliLoader:
         self._kwargs = dict(
             tars=sorted({r.tar for r in refs}, key=[r.tar for r in refs].index),
             modalities=self.modalities, params=self._params, gpu=self.gpu, train=train, shard_id=shard_id,
-            num_shards=num_shards, rng_seed=seed * 1000 + shard_id, augment=augment,
+            num_shards=num_shards, augment=augment,
             eval_keep=None if eval_keep is None else eval_keep[self._range.start:self._range.stop],
             label_dtype=types.FLOAT if info.multilabel else types.INT64, min_crop_area=min_crop_area, flip=flip)
         self._kwargs["idxs"] = [str(Path(t).with_suffix(".idx")) for t in self._kwargs["tars"]]
         self._num_threads = num_threads
         self._device_id = device_id if self.gpu else None
+        self._seed, self._shard_id = seed, shard_id
         self._pipe = None
+        self._pipe_epoch = -1
         self._checkpoint: str | None = None
 
     def __len__(self) -> int:
@@ -200,11 +202,19 @@ class DaliLoader:
         return max(1, n // self.batch_size) if self.train and n else -(-n // self.batch_size)
 
     def _build(self) -> None:
+        """A pipeline for the current epoch: its shuffle and masks depend on (seed, epoch, shard) only, so
+        an epoch is a fresh pass over the shard and a new loader at epoch e reproduces epoch e."""
+        rng_seed = (self._seed * 1_000_003 + self.epoch * 7_919 + self._shard_id) % 2**31
         self._pipe = multimodal_pipeline(
-            **self._kwargs, batch_size=self.batch_size, num_threads=self._num_threads, device_id=self._device_id,
-            seed=self._kwargs["rng_seed"], enable_checkpointing=self.train, checkpoint=self._checkpoint,
-            prefetch_queue_depth=2, exec_dynamic=True)
+            **self._kwargs, rng_seed=rng_seed, batch_size=self.batch_size, num_threads=self._num_threads,
+            device_id=self._device_id, seed=rng_seed, enable_checkpointing=self.train,
+            checkpoint=self._checkpoint, prefetch_queue_depth=2, exec_dynamic=True)
         self._pipe.build()
+        self._pipe_epoch = self.epoch
+        if self._checkpoint is None:  # no reader checkpoint: replay the batches already consumed
+            for _ in range(self.batches_done):
+                self._pipe.run()
+        self._checkpoint = None
 
     def state_dict(self) -> dict:
         """Epoch, batches consumed and the DALI checkpoint (reader position and random state)."""
@@ -223,7 +233,7 @@ class DaliLoader:
             self.epoch, self.batches_done = epoch, 0
 
     def __iter__(self) -> Iterator[dict]:
-        if self._pipe is None:
+        if self._pipe is None or self._pipe_epoch != self.epoch:
             self._build()
         n = len(self._range)
         total = len(self)
@@ -244,6 +254,7 @@ class DaliLoader:
             yield self._to_batch(dict(zip(self._outputs, tensors)), label, present, keys, count)
         self.epoch += 1
         self.batches_done = 0
+        self._pipe = None
 
     def _to_batch(self, tensors: dict, label, present, keys: list[str], count: int) -> dict:
         as_np = lambda tl: (tl.as_cpu() if not isinstance(tl, TensorListCPU) else tl).as_array()  # noqa: E731

@@ -52,6 +52,8 @@ def make_loader(dataset_dir: str | Path, split: str, batch_size: int, *, backend
     if not train:
         keep = scenario_keep([r.key for r in refs], info.modalities, parse_scenario(scenario, info.modalities), seed)
         eval_keep = None if keep.all() else keep
+    if backend == "dali" and on_error == "skip":
+        raise ValueError("on_error='skip' needs backend='torch': a DALI pipeline stops at the first bad member")
     if backend == "auto":
         backend = "dali" if dali_available() and on_error == "raise" else "torch"
     if backend == "dali":

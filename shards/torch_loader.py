@@ -243,13 +243,17 @@ class TorchLoader:
                             num_workers=self.num_workers, drop_last=self.train and len(self.dataset) >= self.batch_size,
                             persistent_workers=False, prefetch_factor=4 if self.num_workers else None)
         self.skipped = 0
-        for batch in loader:
-            if self.batches_done >= len(self):
-                break
-            self.batches_done += 1
-            self.skipped += batch.pop("skipped")
-            if "key" in batch:
-                yield batch
+        batches = iter(loader)
+        try:
+            for batch in batches:
+                if self.batches_done >= len(self):
+                    break
+                self.batches_done += 1
+                self.skipped += batch.pop("skipped")
+                if "key" in batch:
+                    yield batch
+        finally:  # also when the consumer stops early: shut the worker processes down now
+            del batches
         if self.skipped:
             log.warning("epoch %d: skipped %d samples that did not decode", self.epoch, self.skipped)
         self.epoch += 1
