@@ -141,7 +141,7 @@ def test_killed_worker_resumes_from_checkpoint_with_the_same_result(digits: Path
 def test_learns_digits_from_frames_and_speech(digits: Path, tmp_path: Path) -> None:
     storage = tmp_path / "runs"
     proc = launch(["--config", "trainer/configs/av_digits.toml", "--stages", "unimodal",
-                   *overrides(digits, storage, **{"train.epochs": 4, "train.lr_milestones": "[]"})])
+                   *overrides(digits, storage, **{"train.epochs": 4, "train.lr_milestones": []})])
     out, _ = proc.communicate(timeout=600)
     assert proc.returncode == 0, out[-3000:]
     last = metrics_rows(storage, "av_digits")[-1]
@@ -176,3 +176,25 @@ def test_checkpoint_of_another_model_is_refused(digits: Path, tmp_path: Path, ca
             "--set", f"ray.storage_path={tmp_path}", "--set", "mma.epochs=1", "--stages", "mma"]
     assert launch_main(args) == 2
     assert "does not fit this model" in capsys.readouterr().err
+
+
+def test_ray_job_submit_runs_launch_on_a_cluster(digits: Path, tmp_path: Path) -> None:
+    from cluster.local import start_cluster, stop_cluster
+
+    state = tmp_path / "cluster"
+    info = start_cluster(1, 2, state, head_cpus=1, port=0, dashboard_port=0)
+    try:
+        storage = tmp_path / "runs"
+        cmd = ["ray", "job", "submit", "--working-dir", str(ROOT), "--", "python", "trainer/launch.py",
+               "--config", "trainer/configs/av_digits.toml", "--stages", "unimodal",
+               *overrides(digits, storage, **{"train.epochs": 1})]
+        env = info.cli_env()
+        env["PATH"] = f"{Path(PYTHON).parent}:{env.get('PATH', '')}"
+        done = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=600)
+        assert done.returncode == 0, (done.stdout + done.stderr)[-3000:]
+        assert "succeeded" in (done.stdout + done.stderr).lower()
+        rows = metrics_rows(storage, "av_digits")
+        assert [r["stage"] for r in rows] == ["unimodal"]
+    finally:
+        stop_cluster(state)
+    assert not info.alive()
