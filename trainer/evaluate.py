@@ -36,8 +36,8 @@ class Method:
     only: str | None = None
 
 
-def standard_methods(checkpoints: dict[str, str], modalities: list[str], chosen: str) -> list[Method]:
-    """Uni-modal models, joint, joint + dropout, UME, UME-MMA (and which of UME/UME-MMA METHOD.md keeps)."""
+def standard_methods(checkpoints: dict[str, str], modalities: list[str]) -> list[Method]:
+    """The rows of METHOD.md's table: uni-modal models, joint, joint + dropout, UME, UME-MMA."""
     methods = [Method(f"{m}-only", checkpoints["unimodal"], only=m) for m in modalities]
     methods += [Method("joint late fusion", checkpoints["joint"]),
                 Method("joint + modality dropout", checkpoints["joint_dropout"]),
@@ -151,6 +151,30 @@ def _plot(results: dict, metric: str, path: Path) -> None:
     fig.tight_layout()
     fig.savefig(path, dpi=120)
     plt.close(fig)
+
+
+def method_claims(results: dict) -> list[str]:
+    """METHOD.md's claims checked on this table: under missing:<m>, UME-MMA against the uni-modal model of
+    the remaining modality and joint late fusion; on full, UME-MMA against UME."""
+    metric = "f1_macro" if results["multilabel"] else "acc"
+    rows = results["methods"]
+    if "UME-MMA" not in rows or "UME" not in rows:
+        return []
+    pts = lambda method, scenario: 100 * rows[method][scenario][metric]  # noqa: E731
+    lines = []
+    modalities = results["modalities"]
+    if len(modalities) == 2 and "joint late fusion" in rows:
+        for m in modalities:
+            other = next(o for o in modalities if o != m)
+            s, mma = f"missing:{m}", pts("UME-MMA", f"missing:{m}")
+            uni, joint = pts(f"{other}-only", s), pts("joint late fusion", s)
+            lines.append(f"{s}: UME-MMA {mma:.1f} vs {other}-only {uni:.1f} ({mma - uni:+.1f}; claim: within 2 "
+                         f"points -> {'yes' if mma >= uni - 2 else 'no'}) and joint late fusion {joint:.1f} "
+                         f"({mma - joint:+.1f}; claim: above -> {'yes' if mma > joint else 'no'})")
+    mma, ume = pts("UME-MMA", "full"), pts("UME", "full")
+    lines.append(f"full: UME-MMA {mma:.1f} vs UME {ume:.1f} ({mma - ume:+.1f}; claim: at least UME - 1 -> "
+                 f"{'yes' if mma >= ume - 1 else 'no'})")
+    return lines
 
 
 def val_choice(unimodal_metrics: dict, mma_metrics: dict) -> tuple[str, str]:

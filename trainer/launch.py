@@ -104,7 +104,7 @@ def run_recipe(config: Config, stages: list[str]) -> Path | None:
     """unimodal -> joint baselines -> mma -> eval; returns the results markdown path when eval ran."""
     import ray
 
-    from trainer.evaluate import evaluate, standard_methods, val_choice, write_results
+    from trainer.evaluate import method_claims, standard_methods, val_choice, write_results
 
     storage = Path(config.ray.storage_path)
     (storage / config.ray.run_name).mkdir(parents=True, exist_ok=True)
@@ -125,13 +125,14 @@ def run_recipe(config: Config, stages: list[str]) -> Path | None:
         if done is None:
             raise ConfigError(f"eval needs the {stage} stage; run it first (--stages {stage})")
         checkpoints[stage] = done
-    chosen, note = val_choice(load_state(checkpoints["unimodal"])["metrics"], load_state(checkpoints["mma"])["metrics"])
+    _, note = val_choice(load_state(checkpoints["unimodal"])["metrics"], load_state(checkpoints["mma"])["metrics"])
     info = read_dataset_info(config.data.dataset_dir)
-    methods = standard_methods({k: str(v) for k, v in checkpoints.items()}, info.modalities, chosen)
+    methods = standard_methods({k: str(v) for k, v in checkpoints.items()}, info.modalities)
     use_gpu = config.ray.use_gpu
     remote_eval = ray.remote(num_cpus=config.ray.cpus_per_worker, num_gpus=1 if use_gpu else 0)(_evaluate_task)
     results = ray.get(remote_eval.remote(config, methods))
-    notes = [note, f"checkpoints: {', '.join(f'{k}={v}' for k, v in checkpoints.items())}"]
+    notes = [*method_claims(results), note,
+             f"checkpoints: {', '.join(f'{k}={v}' for k, v in checkpoints.items())}"]
     md = write_results(results, storage / config.ray.run_name / "results", notes)
     print(md.read_text())
     return md
