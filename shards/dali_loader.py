@@ -261,7 +261,7 @@ class DaliLoader:
         labels = as_np(label)
         payload = NPY_HEADER_BYTES // labels.dtype.itemsize
         labels = labels[:, payload:]
-        batch = {m: torch.from_numpy(as_np(t)[:count]) for m, t in tensors.items()}
+        batch = {m: _to_torch(t, as_np)[:count] for m, t in tensors.items()}
         if "text" in batch:
             batch["text"] = batch["text"].long()
         batch.update({
@@ -287,6 +287,17 @@ class DaliLoader:
                         return (f"shard {ref.tar}: sample {ref.key} member .{ext} does not decode ({err}); "
                                 f"run `pipeline verify` and rebuild that shard")
         return f"DALI pipeline failed and no member fails to decode on its own: {str(exc).splitlines()[0]}"
+
+
+def _to_torch(tensor_list, as_np) -> torch.Tensor:
+    """A batch as a torch tensor; GPU outputs stay on the GPU (DLPack, no copy through the host)."""
+    if isinstance(tensor_list, TensorListCPU):
+        return torch.from_numpy(as_np(tensor_list))
+    try:
+        return torch.from_dlpack(tensor_list.as_tensor()).clone()  # clone: DALI reuses its output buffers
+    except (TypeError, AttributeError, RuntimeError) as exc:
+        log.debug("DLPack hand-over failed (%s); copying through the host", exc)
+        return torch.from_numpy(as_np(tensor_list))
 
 
 def _source_infos(tensor_list) -> list[str]:

@@ -62,6 +62,7 @@ class TrainConfig:
     lr_gamma: float = 0.1
     seed: int = 0
     modality_dropout: float = 0.0  # joint-dropout baseline: per-sample, per-modality drop probability
+    amp: str = "none"  # "none" | "bf16": forward and loss under torch.autocast in bfloat16 (GPU training)
 
 
 @dataclass
@@ -274,6 +275,7 @@ def _validate(config: Config, source: str) -> None:
         _check_names(getattr(model, table), dict.fromkeys(MODALITIES), source, "modality", f"model.{table}.")
 
     choose("train.optimizer", train.optimizer, ("sgd", "adamw"))
+    choose("train.amp", train.amp, ("none", "bf16"))
     for key, value in (("train.epochs", train.epochs), ("mma.epochs", mma.epochs)):
         require(value >= 0, key, value, ">= 0")
     for key, value in (("train.lr", train.lr), ("mma.lr", mma.lr), ("train.lr_gamma", train.lr_gamma)):

@@ -159,8 +159,9 @@ def train_loop_per_worker(loop_config: dict) -> None:
             got = time.perf_counter()
             wait += got - tick
             batch = to_device(batch, device)
-            out = model(batch)
-            loss = stage_loss(stage, out, batch, info.modalities, info.multilabel)
+            with torch.autocast(device.type, dtype=torch.bfloat16, enabled=config.train.amp == "bf16"):
+                out = model(batch)
+                loss = stage_loss(stage, out, batch, info.modalities, info.multilabel)
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
             optimizer.step()
