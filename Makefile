@@ -42,7 +42,7 @@ test: setup
 	$(BIN)/python -m pytest -q tests
 
 bench: setup
-	$(BIN)/python benchmarks/build.py --out $(WORK)/bench
+	$(BIN)/python benchmarks/run.py --quick --out $(WORK)/bench
 
 clean:
 	rm -rf $(WORK)
