@@ -80,6 +80,17 @@ def _require_dir(src: Path, dataset: str) -> None:
         raise SourceError(f"--src {src} is not a directory; pass the root of the raw {dataset} corpus")
 
 
+def _source_problem(src: Path, root: Path, rel: str, key: str, split: str, samples: dict[str, Sample]) -> Reject | None:
+    """Why an annotated source cannot become a sample (outside --src, missing, duplicate key), or None."""
+    if not (src / rel).resolve().is_relative_to(root):
+        return Reject(key, split, rel, "annotation", "source path points outside --src")
+    if not (src / rel).is_file():
+        return Reject(key, split, rel, "source", "annotated file not found")
+    if key in samples:
+        return Reject(key, split, rel, "annotation", f"duplicate key (also {samples[key].source})")
+    return None
+
+
 def _collect(rows, src: Path, classes: list[str], make: Callable) -> tuple[list[Sample], list[Reject]]:
     """Turn annotation rows into samples, rejecting missing files and duplicate keys."""
     index = {name: i for i, name in enumerate(classes)}
@@ -100,14 +111,9 @@ def _collect(rows, src: Path, classes: list[str], make: Callable) -> tuple[list[
         key, split, label_name, rel = made
         if label_name not in index:
             continue  # a class the dataset does not keep (e.g. Kinetics-400 classes outside Kinetics-Sound)
-        if not (src / rel).resolve().is_relative_to(root):
-            rejects.append(Reject(key, split, rel, "annotation", "source path points outside --src"))
-            continue
-        if not (src / rel).is_file():
-            rejects.append(Reject(key, split, rel, "source", "annotated file not found"))
-            continue
-        if key in samples:
-            rejects.append(Reject(key, split, rel, "annotation", f"duplicate key (also {samples[key].source})"))
+        problem = _source_problem(src, root, rel, key, split, samples)
+        if problem:
+            rejects.append(problem)
             continue
         samples[key] = Sample(key, split, index[label_name], rel)
     return sorted(samples.values(), key=lambda s: (s.split, s.key)), rejects
@@ -324,14 +330,9 @@ def food101(src: Path) -> Corpus:
             rejects.append(Reject(key, csv_split, where, "annotation", f"unknown class {label!r}"))
             continue
         rel = f"images/{csv_split}/{label}/{name}"
-        if not (src / rel).resolve().is_relative_to(root):
-            rejects.append(Reject(key, csv_split, rel, "annotation", "source path points outside --src"))
-            continue
-        if not (src / rel).is_file():
-            rejects.append(Reject(key, csv_split, rel, "source", "annotated image not found"))
-            continue
-        if key in samples:
-            rejects.append(Reject(key, csv_split, rel, "annotation", f"duplicate key (also {samples[key].source})"))
+        problem = _source_problem(src, root, rel, key, csv_split, samples)
+        if problem:
+            rejects.append(problem)
             continue
         split = csv_split
         if split == "train" and key_uniform(key, 0, "food101:val") < FOOD101_VAL_FRACTION:

@@ -157,7 +157,7 @@ def test_food101_rejects_empty_rows_and_undecodable_images_and_keeps_empty_title
     reject = next(r for r in b.rejects if r["key"] == bad)
     assert reject["stage"] == "image" and "does not decode" in reject["reason"] and not reject["kept"]
     (missing,) = b.kinds["missing_image"]
-    assert next(r for r in b.rejects if r["key"] == missing)["reason"] == "annotated image not found"
+    assert next(r for r in b.rejects if r["key"] == missing)["reason"] == "annotated file not found"
     (untitled,) = b.kinds["no_title"]
     assert b.manifest[untitled]["has_text"] is False and b.manifest[untitled]["has_visual"] is True
     assert {r["split"] for r in b.manifest.values()} == {"train", "val", "test"}  # val: 10% of train by key
