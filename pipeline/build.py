@@ -230,12 +230,19 @@ def _run_ray(todo: list[ShardTask], src: Path, out: Path, opts: BuildOptions, ct
              address: str | None) -> Iterator[dict]:
     import ray
 
-    ray.init(address=address or None, ignore_reinit_error=True, log_to_driver=False)
-    remote = ray.remote(num_cpus=1)(run_shard_task)
-    pending = [remote.remote(t, str(src), str(out), opts, ctx) for t in todo]
-    while pending:
-        done, pending = ray.wait(pending, num_returns=1)
-        yield ray.get(done[0])
+    started = not ray.is_initialized()
+    # an explicit address or RAY_ADDRESS joins that cluster; otherwise a private local instance
+    ray.init(address=address or os.environ.get("RAY_ADDRESS") or "local", ignore_reinit_error=True,
+             log_to_driver=False)
+    try:
+        remote = ray.remote(num_cpus=1)(run_shard_task)
+        pending = [remote.remote(t, str(src), str(out), opts, ctx) for t in todo]
+        while pending:
+            done, pending = ray.wait(pending, num_returns=1)
+            yield ray.get(done[0])
+    finally:
+        if started:
+            ray.shutdown()
 
 
 def prepare_out(out_root: Path, dataset: str) -> Path:

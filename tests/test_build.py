@@ -11,6 +11,7 @@ import io
 import json
 import logging
 import math
+import os
 import re
 import shutil
 import signal
@@ -310,6 +311,15 @@ def test_build_is_byte_identical_for_one_and_two_workers(kinetics_sound_built: B
                     "--src", str(kinetics_sound_built.raw.root), "--out", str(tmp_path), *FIXTURE_BUILD_ARGS,
                     "--workers", "2"], check=True, capture_output=True)
     assert len(read_dataset_info(tmp_path / "kinetics_sound").shards) > 2  # both workers had shards to build
+    assert_same_outputs(tmp_path / "kinetics_sound", kinetics_sound_built.path)
+
+
+def test_build_as_ray_tasks_is_byte_identical(kinetics_sound_built: BuiltDataset, tmp_path: Path) -> None:
+    """`--ray` runs the same shard tasks on a (here: private local) Ray cluster, with the same bytes."""
+    done = subprocess.run([sys.executable, "-m", "pipeline.cli", "-q", "build-shards", "kinetics_sound",
+                           "--src", str(kinetics_sound_built.raw.root), "--out", str(tmp_path), *FIXTURE_BUILD_ARGS,
+                           "--ray"], capture_output=True, text=True, env={**os.environ, "RAY_ADDRESS": ""})
+    assert done.returncode == 0, done.stderr[-2000:]
     assert_same_outputs(tmp_path / "kinetics_sound", kinetics_sound_built.path)
 
 
