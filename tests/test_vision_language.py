@@ -323,3 +323,27 @@ def test_short_training_then_eval_with_missing_text_and_missing_image(name: str,
     # the uni-modal row ignores the other modality, so dropping it changes nothing
     only = results["methods"][f"{second}-only"]
     assert only["full"] == only["missing:visual"]
+
+
+def test_a_local_hugging_face_tokenizer_replaces_the_default(tmp_path: Path) -> None:
+    """`--tokenizer DIR` (a tokenizer.json made offline here) tokenises the text and is recorded."""
+    tokenizers = pytest.importorskip("tokenizers")
+    from tokenizers.models import WordLevel
+    from tokenizers.pre_tokenizers import Whitespace
+
+    vocab = {"[PAD]": 0, "[UNK]": 1, "a": 2, "story": 3, "of": 4, "family": 5}
+    hf = tokenizers.Tokenizer(WordLevel(vocab, unk_token="[UNK]"))
+    hf.pre_tokenizer = Whitespace()
+    hf_dir = tmp_path / "tok"
+    hf_dir.mkdir()
+    hf.save(str(hf_dir / "tokenizer.json"))
+    raw = tmp_path / "raw"
+    mm_imdb_corpus(raw)
+    options = BuildOptions(size=64, shard_size=4, max_len=24, tokenizer=str(hf_dir))
+    build_shards("mm_imdb", raw, tmp_path / "out", options, workers=1, progress=False)
+    path = tmp_path / "out" / "mm_imdb"
+    info = read_dataset_info(path)
+    assert info.text["tokenizer"] == "huggingface"
+    ids = np.frombuffer(_member(path, "train", "0000000", "text.npy"), np.int32, offset=128)
+    # "A story of ...": the tokenizer's own rules apply (this WordLevel one is case-sensitive: "A" is unknown)
+    assert ids.shape == (24,) and list(ids[:3]) == [1, 3, 4]
