@@ -114,13 +114,17 @@ def write_results(results: dict, out_dir: Path, notes: list[str]) -> Path:
     out_dir.mkdir(parents=True, exist_ok=True)
     results = dict(results, notes=notes)
     (out_dir / "results.json").write_text(json.dumps(results, indent=2) + "\n")
-    metric = "f1_macro" if results["multilabel"] else "acc"
+    metrics = ["f1_macro", "f1_micro"] if results["multilabel"] else ["acc"]
     scenarios = results["scenarios"]
-    lines = [f"# {results['dataset']}: {metric} on `{results['split']}` ({results['samples']} samples) by scenario", "",
-             "| method | " + " | ".join(scenarios) + " |", "|---|" + "---:|" * len(scenarios)]
-    for method, row in results["methods"].items():
-        lines.append(f"| {method} | " + " | ".join(f"{100 * row[s][metric]:.1f}" for s in scenarios) + " |")
-    lines += ["", "Samples with each modality present per scenario: " +
+    lines = []
+    for metric in metrics:  # one table per metric (multi-label: F1-macro, then F1-micro)
+        lines += [f"# {results['dataset']}: {metric} on `{results['split']}` ({results['samples']} samples) "
+                  f"by scenario", "", "| method | " + " | ".join(scenarios) + " |", "|---|" + "---:|" * len(scenarios)]
+        for method, row in results["methods"].items():
+            lines.append(f"| {method} | " + " | ".join(f"{100 * row[s][metric]:.1f}" for s in scenarios) + " |")
+        lines.append("")
+    metric = metrics[0]
+    lines += ["Samples with each modality present per scenario: " +
               "; ".join(f"{s}: " + ", ".join(f"{m} {n}" for m, n in c.items()) for s, c in list(results["present"].items())[:3]), ""]
     lines += [f"- {n}" for n in notes]
     md = out_dir / "results.md"

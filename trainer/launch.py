@@ -112,6 +112,9 @@ def run_recipe(config: Config, stages: list[str]) -> Path | None:
         # RAY_ADDRESS is set by `ray job submit` (or by you): join that cluster. Otherwise start a private
         # local instance rather than attaching to whatever cluster happens to run on this machine.
         ray.init(address=os.environ.get("RAY_ADDRESS") or "local", log_to_driver=True)
+    if config.ray.use_gpu and ray.cluster_resources().get("GPU", 0) < 1:
+        raise ConfigError("ray.use_gpu = true but this Ray cluster has no GPU; run on GPU nodes or pass "
+                          "--set ray.use_gpu=false (and --set train.amp=none on CPUs without bfloat16)")
     checkpoints: dict[str, Path] = {}
     for stage in TRAIN_STAGES:
         if stage not in stages and not (stage == "unimodal" and "mma" in stages):
