@@ -20,7 +20,7 @@ from nvidia.dali.backend import TensorListCPU
 
 from shards.features import DB_OFFSET, DB_SCALE, ModalityParams, modality_params
 from shards.format import DatasetInfo, NPY_HEADER_BYTES, frame_member
-from shards.samples import SampleRef, shard_range
+from shards.samples import SampleRef, shard_range, training_steps
 from shards.scenarios import DropSpec
 
 log = logging.getLogger(__name__)
@@ -192,14 +192,15 @@ class DaliLoader:
         self._kwargs["idxs"] = [str(Path(t).with_suffix(".idx")) for t in self._kwargs["tars"]]
         self._num_threads = num_threads
         self._device_id = device_id if self.gpu else None
-        self._seed, self._shard_id = seed, shard_id
+        self._seed, self._shard_id, self._num_shards = seed, shard_id, num_shards
         self._pipe = None
         self._pipe_epoch = -1
         self._checkpoint: str | None = None
 
     def __len__(self) -> int:
-        n = len(self._range)
-        return max(1, n // self.batch_size) if self.train and n else -(-n // self.batch_size)
+        if self.train:
+            return training_steps(len(self._refs), self._num_shards, self.batch_size)
+        return -(-len(self._range) // self.batch_size)
 
     def _build(self) -> None:
         """A pipeline for the current epoch: its shuffle and masks depend on (seed, epoch, shard) only, so

@@ -47,3 +47,9 @@ def shard_range(n: int, shard_id: int, num_shards: int) -> range:
     if not 0 <= shard_id < num_shards:
         raise ValueError(f"shard_id {shard_id} outside 0..{num_shards - 1}")
     return range(n * shard_id // num_shards, n * (shard_id + 1) // num_shards)
+
+
+def training_steps(n: int, num_shards: int, batch_size: int) -> int:
+    """Full batches per training epoch, the same on every worker (the smallest part decides), so DDP
+    workers run the same number of steps and none waits forever in an all-reduce."""
+    return max(1, (n // num_shards) // batch_size) if n else 0

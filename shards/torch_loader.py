@@ -17,7 +17,7 @@ from torch.utils.data import DataLoader, Dataset, Sampler
 
 from shards.features import ModalityParams, VisualParams, log_mel, mel_filters, modality_params
 from shards.format import DatasetInfo, NPY_HEADER_BYTES, frame_member, npy_payload
-from shards.samples import SampleRef, shard_range
+from shards.samples import SampleRef, shard_range, training_steps
 from shards.scenarios import DropSpec, augment_keep, key_uniform, resolve_present
 
 log = logging.getLogger(__name__)
@@ -212,6 +212,7 @@ class TorchLoader:
                  seed: int, epoch: int, crop: int | None, num_workers: int, on_error: str = "raise",
                  min_crop_area: float = 0.35, flip: bool = True) -> None:
         part = shard_range(len(refs), shard_id, num_shards)
+        self._total, self._num_shards = len(refs), num_shards
         keep = None if eval_keep is None else eval_keep[part.start:part.stop]
         self.batch_size, self.train = batch_size, train
         self.dataset = ShardSamples(info, [refs[i] for i in part], modality_params(info, crop), train, augment,
@@ -223,8 +224,9 @@ class TorchLoader:
         self.skipped = 0
 
     def __len__(self) -> int:
-        n = len(self.dataset)
-        return max(1, n // self.batch_size) if self.train and n else -(-n // self.batch_size)
+        if self.train:
+            return training_steps(self._total, self._num_shards, self.batch_size)
+        return -(-len(self.dataset) // self.batch_size)
 
     def state_dict(self) -> dict:
         return {"epoch": self.epoch, "batches_done": self.batches_done}

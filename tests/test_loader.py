@@ -30,7 +30,7 @@ if str(ROOT) not in sys.path:  # `tests` has no __init__.py; make `tests.media` 
 from pipeline.build import BuildOptions, build_shards  # noqa: E402
 from shards.format import FormatError, read_dataset_info  # noqa: E402
 from shards.loader import dali_available, make_loader  # noqa: E402
-from shards.samples import shard_range, split_samples  # noqa: E402
+from shards.samples import shard_range, split_samples, training_steps  # noqa: E402
 from shards.scenarios import DropSpec, ScenarioError, parse_scenario, scenario_keep  # noqa: E402
 from tests.media import ffmpeg_clip  # noqa: E402
 
@@ -457,3 +457,12 @@ def test_unknown_backend_and_options_are_refused(corpus: Corpus) -> None:
         make_loader(corpus.path, SPLIT, 4, backend="torch", on_error="ignore")
     with pytest.raises(ScenarioError, match="evaluation"):
         make_loader(corpus.path, SPLIT, 4, backend="torch", train=True, scenario="missing:audio")
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_training_workers_run_the_same_number_of_steps(backend: str, corpus: Corpus) -> None:
+    """Parts of 3 and 4 samples at batch 2 would give 1 or 2 steps; DDP needs every worker equal."""
+    lengths = [len(make_loader(corpus.path, "train", 2, backend=backend, train=True, shard_id=i, num_shards=4,
+                               crop=32, num_workers=0 if backend == "torch" else 1)) for i in range(4)]
+    assert lengths == [1, 1, 1, 1]
+    assert training_steps(len(corpus.keys), 4, 2) == 1 and training_steps(len(corpus.keys), 1, 2) == 7
