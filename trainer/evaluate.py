@@ -143,10 +143,11 @@ def _plot(results: dict, metric: str, path: Path) -> None:
     fig, axes = plt.subplots(1, len(modalities), figsize=(5.5 * len(modalities), 4.2), squeeze=False)
     for ax, m in zip(axes[0], modalities):
         rates = sorted({float(s.split("=")[1]) for s in results["scenarios"] if s.startswith(f"rate:{m}=")})
-        xs = [0.0] + rates + [1.0]
+        names = (["full"] if "full" in results["scenarios"] else []) + [f"rate:{m}={r:g}" for r in rates] + \
+            ([f"missing:{m}"] if f"missing:{m}" in results["scenarios"] else [])
+        xs = [0.0 if n == "full" else 1.0 if n.startswith("missing:") else float(n.split("=")[1]) for n in names]
         for method, row in results["methods"].items():
-            ys = [row["full"][metric]] + [row[f"rate:{m}={r:g}"][metric] for r in rates] + [row[f"missing:{m}"][metric]]
-            ax.plot(xs, [100 * y for y in ys], marker="o", label=method)
+            ax.plot(xs, [100 * row[n][metric] for n in names], marker="o", label=method)
         ax.set_xlabel(f"fraction of test samples missing {m}")
         ax.set_ylabel(f"{metric} (%)")
         ax.set_title(f"{results['dataset']}: missing {m}")
@@ -170,11 +171,15 @@ def method_claims(results: dict) -> list[str]:
     if len(modalities) == 2 and "joint late fusion" in rows:
         for m in modalities:
             other = next(o for o in modalities if o != m)
+            if f"missing:{m}" not in results["scenarios"]:
+                continue
             s, mma = f"missing:{m}", pts("UME-MMA", f"missing:{m}")
             uni, joint = pts(f"{other}-only", s), pts("joint late fusion", s)
             lines.append(f"{s}: UME-MMA {mma:.1f} vs {other}-only {uni:.1f} ({mma - uni:+.1f}; claim: within 2 "
                          f"points -> {'yes' if mma >= uni - 2 else 'no'}) and joint late fusion {joint:.1f} "
                          f"({mma - joint:+.1f}; claim: above -> {'yes' if mma > joint else 'no'})")
+    if "full" not in results["scenarios"]:
+        return lines
     mma, ume = pts("UME-MMA", "full"), pts("UME", "full")
     lines.append(f"full: UME-MMA {mma:.1f} vs UME {ume:.1f} ({mma - ume:+.1f}; claim: at least UME - 1 -> "
                  f"{'yes' if mma >= ume - 1 else 'no'})")

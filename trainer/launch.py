@@ -55,6 +55,7 @@ def run_stage(config: Config, stage: str, init_from: Path | None, storage: Path)
 
     name = f"{config.ray.run_name}-{stage}"
     epochs = stage_epochs(config, stage)
+    check_same_run(config, stage, storage / name)
     done = finished_checkpoint(storage / name, epochs)
     if done is not None:
         log.info("stage %s already finished (%s); skipping", stage, done)
@@ -76,11 +77,39 @@ def run_stage(config: Config, stage: str, init_from: Path | None, storage: Path)
                              failure_config=FailureConfig(max_failures=config.ray.max_failures)),
     )
     log.info("stage %s: %d epochs on %d worker(s)", stage, epochs, config.ray.num_workers)
-    result = trainer.fit()
+    try:
+        trainer.fit()
+    except Exception as exc:  # Ray Train raises the workers' error: report its cause in one line
+        cause = exc
+        while cause.__cause__ is not None:
+            cause = cause.__cause__
+        raise StageFailed(f"stage {stage} failed: {type(cause).__name__}: {str(cause).strip().splitlines()[-1]} "
+                          f"(logs and checkpoints in {storage / name})") from exc
     done = finished_checkpoint(storage / name, epochs)
     if done is None:
-        raise RuntimeError(f"stage {stage} ended without a final checkpoint ({result.error or 'no error reported'})")
+        raise StageFailed(f"stage {stage} ended without a final checkpoint (see {storage / name})")
     return done
+
+
+class StageFailed(RuntimeError):
+    """A training stage that failed after its retries; the message names the cause and where to look."""
+
+
+def check_same_run(config: Config, stage: str, run_dir: Path) -> None:
+    """A rerun resumes or skips a stage only when its data and model config match what was trained."""
+    states = sorted(p for p in run_dir.glob("checkpoint_*") if (p / "state.pt").is_file())
+    if not states:
+        return
+    before = load_state(states[-1]).get("config")
+    if not before:
+        return
+    now = dataclasses.asdict(config)
+    # what makes checkpoints incompatible or results incomparable; loader settings may change freely
+    keys = [("model", k) for k in now["model"]] + [("data", "dataset_dir"), ("data", "crop_size")]
+    changed = [f"{s}.{k}" for s, k in keys if before.get(s, {}).get(k) != now[s][k]]
+    if changed:
+        raise ConfigError(f"{run_dir} was trained with another config ({', '.join(changed)} differ); pass "
+                          f"another --set ray.run_name=... or delete {run_dir} to start over")
 
 
 def check_fits(config: Config, checkpoint: Path) -> None:
@@ -189,6 +218,9 @@ def main(argv: list[str] | None = None) -> int:
     except (ConfigError, FormatError, CheckpointMismatch, ScenarioError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
+    except StageFailed as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 1
     return 0
 
 

@@ -23,7 +23,8 @@ from shards.features import model_input_specs
 from shards.format import read_dataset_info
 from shards.loader import make_loader
 from shards.scenarios import DropSpec
-from trainer.checkpoint import load_loader_state, load_state, load_weights, save_loader_state, save_state
+from trainer.checkpoint import (load_loader_state, load_state, load_weights, save_loader_state, save_state,
+                                unwrap)
 from trainer.config import Config, config_from_dict
 from trainer.models import LateFusion, build_model
 
@@ -84,7 +85,9 @@ def validate(model: torch.nn.Module, loader, device: torch.device, modalities: l
             rows = batch["present"][:, i]
             counts[2 + 2 * i: 4 + 2 * i] += _correct(out["unimodal"][m][rows], batch["label"][rows], multilabel)
     if dist.is_available() and dist.is_initialized():
+        counts = counts.to(device)  # NCCL reduces CUDA tensors only
         dist.all_reduce(counts)
+        counts = counts.cpu()
     model.train()
     metrics = {"val_acc": float(counts[0] / max(counts[1], 1))}
     for i, m in enumerate(modalities):
@@ -173,6 +176,8 @@ def train_loop_per_worker(loop_config: dict) -> None:
                 log.info("[%s] epoch %d step %d loss %.4f %.1f samples/s data wait %.0f%%", stage, epoch, steps,
                          loss.item(), seen / (tick - started), 100 * wait / (tick - started))
         scheduler.step()
+        if stage == "unimodal" and config.model.fusion == "concat":  # the UME ensemble as a concat layer
+            unwrap(model).init_concat_from_heads()
         elapsed = time.perf_counter() - started
         metrics = {"stage": stage, "epoch": epoch + 1, "train_loss": loss_sum / max(seen, 1),
                    "samples_per_s": seen * world / elapsed, "data_wait_fraction": wait / elapsed,
