@@ -203,6 +203,12 @@ def main(argv: list[str] | None = None) -> int:
             if modality not in config.model.encoders:
                 raise ConfigError(f"{args.config}: dataset has modality {modality!r} but [model] encoders has no "
                                   f"entry for it; add {modality} = \"<encoder name>\"")
+        for split in ("train", config.eval.val_split):
+            n = info.splits.get(split, {}).get("samples", 0)
+            if n < config.ray.num_workers:
+                raise ConfigError(f"split {split!r} of {config.data.dataset_dir} has {n} samples for "
+                                  f"{config.ray.num_workers} workers; every worker needs at least one "
+                                  f"(lower ray.num_workers or build the split)")
         try:  # unknown encoder names, unreadable pretrained files: fail before any Ray work
             from trainer.models import build_model
 
