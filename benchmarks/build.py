@@ -19,7 +19,6 @@ import argparse
 import csv
 import json
 import os
-import platform
 import shutil
 import subprocess
 import sys
@@ -29,6 +28,7 @@ from dataclasses import asdict
 from pathlib import Path
 from statistics import median
 
+from loader import machine_info  # benchmarks/ is on sys.path when a script there runs
 from pipeline.build import BuildOptions, build_shards
 from pipeline.datasets import ADAPTERS
 from pipeline.decode import DecodeError, decode_clip
@@ -122,20 +122,6 @@ def full_build(dataset: str, src: Path, out: Path, opts: BuildOptions, workers: 
     return seconds, sum(s["samples"] for s in info.splits.values())
 
 
-def machine() -> dict:
-    model = "unknown"
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                model = line.split(":", 1)[1].strip()
-                break
-    except OSError:
-        pass
-    usable = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
-    return {"cpu": model, "cores": os.cpu_count(), "usable_cores": usable, "platform": platform.platform(),
-            "python": platform.python_version()}
-
-
 def plot(result: dict, path: Path) -> None:
     """Grouped bars (build vs floor) per worker count, with build/floor annotated."""
     import matplotlib
@@ -161,7 +147,7 @@ def plot(result: dict, path: Path) -> None:
     ax.set_ylim(0, 1.18 * max(max(r["floor_clips_per_s"], r["build_clips_per_s"]) for r in rows))
     corpus = result["corpus"]
     ax.set_title(f"build-shards vs decode floor: {corpus['clips']} {corpus['name']} clips\n"
-                 f"{result['machine']['cpu']}, {result['machine']['usable_cores']} cores "
+                 f"{result['machine']['cpu']}, {result['machine']['cores']} cores "
                  f"(ratio build/floor, target {TARGET_RATIO})", fontsize=9)
     ax.legend(loc="upper left", fontsize=8)
     fig.tight_layout()
@@ -215,7 +201,7 @@ def run(args: argparse.Namespace) -> dict:
                         "floor_seconds": [round(s, 3) for s in timings[w]["floor"]]})
     result = {
         "benchmark": "build-shards clips/s vs decode-only floor (same clips, same run)",
-        "machine": dict(machine(), load_average_before=[round(x, 2) for x in load_before],
+        "machine": dict(machine_info(), load_average_before=[round(x, 2) for x in load_before],
                         load_average_after=[round(x, 2) for x in os.getloadavg()]),
         "corpus": corpus,
         "options": {"repeats": args.repeats, "statistic": "median", "workers": args.workers,
