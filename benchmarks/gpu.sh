@@ -3,8 +3,9 @@
 #
 #   bash benchmarks/gpu.sh            # from the repository root, with the wheels in ./wheels
 #
-# 1. Installs what the project needs from wheel files beside it (WHEELS, default ./wheels, subfolders and
-#    wheels split into parts included; see benchmarks/README.md for how to prepare and copy them) into a virtual environment that reuses the
+# 1. Installs what the project needs from wheel files beside it (WHEELS, default ./wheels: plain wheels, wheels
+#    split into parts, or the numbered part folders of `benchmarks/pack.py prepare`, which pack.py joins and
+#    checks; see benchmarks/README.md) into a virtual environment that reuses the
 #    machine's own PyTorch (--system-site-packages, plus the site-packages of PYTHON when that is itself a
 #    venv): nvidia-dali-cuda130 (else -cuda120), then the project's other dependencies except torch, and the
 #    project itself (editable, no dependencies), and imageio-ffmpeg when there is no ffmpeg on PATH.
@@ -16,7 +17,8 @@
 #    report.md, report.json, build.png, loader.png, train.png and details.tar.gz (per-benchmark JSON and
 #    logs). Scratch (corpus, shards, Ray runs) goes to WORK (default /tmp/ume-mma-gpu-bench).
 #
-# Environment: OUT, WORK, WHEELS, PYTHON (default python3), VENV (default /tmp/ume-mma-gpu-venv), BUDGET.
+# Environment: OUT, WORK, WHEELS, PYTHON (default python3), VENV (default /tmp/ume-mma-gpu-venv), BUDGET,
+# DEVICE (default gpu; DEVICE=cpu rehearses the whole script on a machine without a GPU).
 # Extra arguments go to benchmarks/run.py (e.g. --quick, --clips 256, --only loader train).
 set -euo pipefail
 
@@ -27,6 +29,7 @@ WHEELS=${WHEELS:-$ROOT/wheels}
 PYTHON=${PYTHON:-python3}
 VENV=${VENV:-${TMPDIR:-/tmp}/ume-mma-gpu-venv}
 BUDGET=${BUDGET:-570}
+DEVICE=${DEVICE:-gpu}
 
 exec > >(tee "$OUT/gpu.log") 2>&1
 
@@ -46,33 +49,25 @@ trap finish EXIT
 echo "gpu.sh: $(date -u '+%Y-%m-%d %H:%M:%S UTC') on $(hostname); repository $ROOT; wheels $WHEELS; work $WORK"
 nvidia-smi || echo "gpu.sh: nvidia-smi failed"
 
-if [[ ! -d $WHEELS ]]; then
-    echo "gpu.sh: no wheel folder $WHEELS; prepare one as benchmarks/README.md says, or set WHEELS"
-    exit 2
-fi
-# Wheels may come in bundle folders (wheels/01, wheels/02, ...) and the big ones in parts (split -b 60M, see
-# benchmarks/README.md): parts are joined into WHEELS by name order and checked against WHEELS/SHA256SUMS.
-while IFS= read -r name; do
-    if [[ ! -f $WHEELS/$name ]]; then
-        echo "gpu.sh: joining $name from its parts"
-        find "$WHEELS" -name "$name.part-*" -printf '%f\t%p\n' | sort | cut -f2 | xargs cat > "$WHEELS/$name.tmp"
-        mv "$WHEELS/$name.tmp" "$WHEELS/$name"
-    fi
-done < <(find "$WHEELS" -name '*.whl.part-*' -printf '%f\n' | sed 's/\.part-[a-z]*$//' | sort -u)
-if [[ -f $WHEELS/SHA256SUMS ]]; then
-    (cd "$WHEELS" && sha256sum --check --quiet SHA256SUMS)
-fi
-find_links=()
-while IFS= read -r dir; do find_links+=(--find-links "$dir"); done < <(find "$WHEELS" -type d)
+# Wheels may come as plain wheels, as wheels split with `split`, or as the parts of benchmarks/pack.py (numbered
+# folders, xz-packed); pack.py joins and checks them (against any SHA256SUMS) into $WORK/wheels.
+"$PYTHON" "$ROOT/benchmarks/pack.py" unpack "$WHEELS" "$WORK/wheels"
+find_links=(--find-links "$WORK/wheels")
 
 if [[ ! -x $VENV/bin/python ]]; then
-    "$PYTHON" -m venv --system-site-packages "$VENV"
-    # When PYTHON is itself a venv (e.g. the image's /opt/torch/.venv), --system-site-packages only reaches
-    # the base interpreter; a .pth file adds PYTHON's own site-packages, where torch lives.
+    # No pip of its own (ensurepip is missing on some images; the machine's pip is reached below).
+    "$PYTHON" -m venv --system-site-packages --without-pip "$VENV"
+    # When PYTHON is itself a venv (e.g. an image's /opt/torch/.venv), --system-site-packages only reaches
+    # the base interpreter; a .pth file adds PYTHON's own site-packages, where torch and pip live.
     site=$("$VENV/bin/python" -c 'import sysconfig; print(sysconfig.get_paths()["purelib"])')
     "$PYTHON" -c 'import site; print("\n".join(site.getsitepackages()))' > "$site/_base_site_packages.pth"
 fi
 VPY=$VENV/bin/python
+if ! "$VPY" -m pip --version >/dev/null 2>&1; then
+    echo "gpu.sh: $PYTHON has no pip; installing one into $VENV with ensurepip"
+    "$VPY" -m ensurepip --default-pip
+fi
+"$VPY" -c 'import torch' || { echo "gpu.sh: $PYTHON has no PyTorch; set PYTHON to the interpreter that has it"; exit 2; }
 pip_install() { "$VPY" -m pip install -q --no-index "${find_links[@]}" --no-cache-dir --disable-pip-version-check "$@"; }
 
 if ! pip_install nvidia-dali-cuda130; then
@@ -104,4 +99,4 @@ EOF
 cd "$ROOT"
 left=$((BUDGET - SECONDS))
 echo "gpu.sh: set-up took ${SECONDS} s; benchmarks get ${left} s"
-PYTHONUNBUFFERED=1 "$VPY" benchmarks/run.py --device gpu --out "$WORK" --time-limit "$left" "$@"
+PYTHONUNBUFFERED=1 "$VPY" benchmarks/run.py --device "$DEVICE" --out "$WORK" --time-limit "$left" "$@"

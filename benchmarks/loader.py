@@ -184,25 +184,35 @@ def cpu_seconds() -> float:
 
 
 def measure(loader: Iterable[dict], repeats: int, warmup: int = 1) -> dict:
-    """Warm-up epochs, then `repeats` timed epochs; samples/s of the median epoch.
+    """Warm-up epochs, then `repeats` timed epochs; samples/s of the median epoch, start-up included.
 
-    Also CPU-seconds per sample (median), which other load on a shared machine disturbs less than
-    wall time; DataLoader workers count once they exit at the end of each epoch."""
+    Also, per epoch, the time to the first batch (worker start-up, pipeline build, first decode) and the
+    steady rate after it ((samples - first batch) / (epoch - time to first batch)): with the few hundred
+    samples of a benchmark epoch start-up weighs far more than in a real epoch of thousands. And CPU-seconds
+    per sample (median), which other load on a shared machine disturbs less than wall time; DataLoader
+    workers count once they exit at the end of each epoch."""
     for _ in range(warmup):
         for _batch in loader:
             pass
-    seconds, cpu, counts = [], [], []
+    seconds, cpu, counts, firsts, steady = [], [], [], [], []
     for _ in range(repeats):
-        n = 0
+        n, first, first_n = 0, None, 0
         started, cpu_started = time.perf_counter(), cpu_seconds()
         for batch in loader:
+            if first is None:
+                first, first_n = time.perf_counter() - started, len(batch["key"])
             n += len(batch["key"])
         seconds.append(time.perf_counter() - started)
         cpu.append(cpu_seconds() - cpu_started)
         counts.append(n)
+        firsts.append(first or 0.0)
+        if n > first_n and seconds[-1] > firsts[-1]:
+            steady.append((n - first_n) / (seconds[-1] - firsts[-1]))
     rates = [n / s for n, s in zip(counts, seconds)]
     return {"samples_per_s": round(statistics.median(rates), 2), "runs_samples_per_s": [round(r, 2) for r in rates],
             "epoch_seconds": [round(s, 3) for s in seconds], "samples_per_epoch": counts[0],
+            "first_batch_s": round(statistics.median(firsts), 3),
+            "steady_samples_per_s": round(statistics.median(steady), 2) if steady else None,
             "cpu_ms_per_sample": round(1000 * statistics.median(c / n for c, n in zip(cpu, counts)), 2)}
 
 
@@ -340,8 +350,9 @@ def main(argv: list[str] | None = None) -> dict:
                                      device_id=0 if device == "gpu" else None)
             result = measure(loader, args.repeats)
             configs[f"{name}_p{p:g}"] = {"loader": name, "drop": p, **result}
-            log.info("%-9s p=%-4g %8.1f samples/s  %7.1f CPU-ms/sample  (epochs: %s s)", name, p,
-                     result["samples_per_s"], result["cpu_ms_per_sample"], result["epoch_seconds"])
+            log.info("%-9s p=%-4g %8.1f samples/s (%.1f after a first batch in %.2f s)  %7.1f CPU-ms/sample  "
+                     "(epochs: %s s)", name, p, result["samples_per_s"], result["steady_samples_per_s"] or 0.0,
+                     result["first_batch_s"], result["cpu_ms_per_sample"], result["epoch_seconds"])
             del loader
             gc.collect()
 
@@ -372,15 +383,18 @@ def ratios(configs: dict[str, dict], drops: list[float]) -> dict:
     """shards/raw and dali/torch per drop probability; p=drop over p=0 per loader."""
     rate = {k: v["samples_per_s"] for k, v in configs.items()}
     cpu = {k: v["cpu_ms_per_sample"] for k, v in configs.items()}
-    out: dict[str, dict] = {"shards_over_raw": {}, "dali_over_torch": {}, "drop_over_no_drop": {},
-                            "raw_cpu_over_shards_cpu": {}}
+    steady = {k: v.get("steady_samples_per_s") for k, v in configs.items()}
+    out: dict[str, dict] = {"shards_over_raw": {}, "shards_over_raw_steady": {}, "dali_over_torch": {},
+                            "drop_over_no_drop": {}, "raw_cpu_over_shards_cpu": {}}
     for p in drops:
         tag = f"p{p:g}"
-        raw = rate.get(f"raw_{tag}")
-        shards = {name: rate[f"{name}_{tag}"] for name in ("torch", "dali_cpu", "dali_gpu") if f"{name}_{tag}" in rate}
-        if raw and shards:
-            out["shards_over_raw"][tag] = {**{k: round(v / raw, 2) for k, v in shards.items()},
-                                           "best": round(max(shards.values()) / raw, 2)}
+        for key, values in (("shards_over_raw", rate), ("shards_over_raw_steady", steady)):
+            raw = values.get(f"raw_{tag}")
+            shards = {name: values[f"{name}_{tag}"] for name in ("torch", "dali_cpu", "dali_gpu")
+                      if values.get(f"{name}_{tag}")}
+            if raw and shards:
+                out[key][tag] = {**{k: round(v / raw, 2) for k, v in shards.items()},
+                                 "best": round(max(shards.values()) / raw, 2)}
         if f"raw_{tag}" in cpu:  # CPU time per sample: the same comparison, less sensitive to other load
             out["raw_cpu_over_shards_cpu"][tag] = {name: round(cpu[f"raw_{tag}"] / cpu[f"{name}_{tag}"], 2)
                                                    for name in ("torch", "dali_cpu") if cpu.get(f"{name}_{tag}")}

@@ -291,14 +291,17 @@ class DaliLoader:
 
 
 def _to_torch(tensor_list, as_np) -> torch.Tensor:
-    """A batch as a torch tensor; GPU outputs stay on the GPU (DLPack, no copy through the host)."""
+    """A batch as a torch tensor. GPU outputs stay on the GPU: copied device to device into a fresh torch
+    tensor on torch's current stream, as DALI's own PyTorch iterator does (`feed_ndarray`), since DALI reuses
+    its output buffers for the next batch."""
     if isinstance(tensor_list, TensorListCPU):
         return torch.from_numpy(as_np(tensor_list))
-    try:
-        return torch.from_dlpack(tensor_list.as_tensor()).clone()  # clone: DALI reuses its output buffers
-    except (TypeError, AttributeError, RuntimeError) as exc:
-        log.debug("DLPack hand-over failed (%s); copying through the host", exc)
-        return torch.from_numpy(as_np(tensor_list))
+    from nvidia.dali.plugin.pytorch import feed_ndarray, to_torch_type
+
+    dense = tensor_list.as_tensor()
+    device = torch.device("cuda", dense.device_id())
+    out = torch.empty(dense.shape(), dtype=to_torch_type[dense.dtype], device=device)
+    return feed_ndarray(dense, out, cuda_stream=torch.cuda.current_stream(device=device))
 
 
 def _source_infos(tensor_list) -> list[str]:
