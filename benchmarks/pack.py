@@ -14,7 +14,7 @@
    download, so the wheels fit the versions already installed there;
 3. packs the remaining wheels into one `wheels.tar.xz`: each wheel re-zipped without compression (pip
    checks the files against the wheel's RECORD, not the zip's compression), then xz over all of them,
-   which is 2-2.5x smaller than the wheels themselves for the CUDA libraries in DALI;
+   about a quarter smaller than the wheels themselves;
 4. splits it into numbered folders of at most `--part-mib` MiB (`wheels/01/wheels.tar.xz.part-000`, ...),
    one folder per copy, and writes `SHA256SUMS` (of the pack and of each wheel) into the first.
 
