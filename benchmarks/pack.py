@@ -11,7 +11,9 @@
    the `bench` extra (a static ffmpeg for the benchmark corpus);
 2. leaves out what the machine already has: `--have FILE` is the output of `python3 -m pip freeze --all` (or
    `pip list --format=freeze`, or bare names, one a line) run there; pinned lines also constrain the
-   download, so the wheels fit the versions already installed there;
+   download, so the wheels fit the versions already installed there, and a pin that does not fit is
+   dropped (that package is sent); for bare names, small wheels (`--send-small-mib`) are sent anyway, in
+   case the machine's version does not fit;
 3. packs the remaining wheels into one `wheels.tar.xz`: each wheel re-zipped without compression (pip
    checks the files against the wheel's RECORD, not the zip's compression), then xz over all of them,
    about a quarter smaller than the wheels themselves;
@@ -210,10 +212,15 @@ def prepare(args: argparse.Namespace) -> None:
             dropped = download(requirements(args.cuda), src, args.python_version, pins)
             names -= {normalize(pin.split("==", 1)[0]) for pin in dropped}
         wheels = sorted(src.glob("*.whl"))
-        skipped = [w.name for w in wheels if wheel_name(w.name) in names]
+        pinned = {normalize(pin.split("==", 1)[0]) for pin in pins}
+        # Small wheels go along even where the machine has the package, unless its exact version is known to
+        # fit (pinned): pip installs them only if the machine's version does not fit the project.
+        skipped = [w for w in wheels if wheel_name(w.name) in names
+                   and (wheel_name(w.name) in pinned or w.stat().st_size >= args.send_small_mib * MIB)]
         if skipped:
-            print(f"pack.py: leaving out {len(skipped)} wheel(s) the offline machine has: {', '.join(skipped)}")
-        pack([w for w in wheels if wheel_name(w.name) not in names], out, int(args.part_mib * MIB), args.preset)
+            print(f"pack.py: leaving out {len(skipped)} wheel(s) the offline machine has: "
+                  f"{', '.join(w.name for w in skipped)}")
+        pack([w for w in wheels if w not in skipped], out, int(args.part_mib * MIB), args.preset)
 
 
 # ----------------------------------------------------------------------------------------------- unpack
@@ -329,6 +336,9 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--have", help="`pip freeze` of the offline machine: those packages are left out")
     p.add_argument("--wheels", help="pack the wheels in this folder instead of downloading")
     p.add_argument("--part-mib", type=float, default=60, help="largest part, MiB (default 60)")
+    p.add_argument("--send-small-mib", type=float, default=1.0,
+                   help="wheels smaller than this are sent even for packages in --have without a version (pip "
+                        "uses them only where the machine's version does not fit); default 1")
     p.add_argument("--preset", type=int, default=6, choices=range(10), help="xz preset (default 6)")
     u = commands.add_parser("unpack", help="join, check and unpack parts into a folder of wheels")
     u.add_argument("src", help="the folder the parts were copied into (subfolders are searched)")

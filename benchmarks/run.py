@@ -157,9 +157,9 @@ def benchmark_args(name: str, p: Profile, device: str, out: Path, src: Path, bui
     if name == "build":
         return ["--out", str(out / "build"), "--src", str(build_src), "--dataset", "kinetics_sound",
                 "--workers", *map(str, p.build_workers), *reps]
-    if name == "loader":
+    if name == "loader":  # epochs of a second or less: more of them for a steadier median
         return ["--out", str(out / "loader"), "--src", str(src), "--batch-size", str(p.loader_batch),
-                "--device", device, "--workers", str(cores), *reps]
+                "--device", device, "--workers", str(cores), "--repeats", str(max(p.repeats, 5))]
     sets = [a for s in p.train_set for a in ("--set", s)]
     return ["--out", str(out / "train"), "--src", str(src), "--device", device, "--workers", *map(str, p.train_workers),
             "--epochs", str(p.epochs), "--step-batches", str(p.step_batches), *sets, *reps]
@@ -191,14 +191,11 @@ def loader_section(r: dict) -> list[str]:
     lines = [f"Training-mode loading (random crop {p['crop']} + flip, {p['n_mels']}-mel log-mel of "
              f"{p['audio_seconds']} s audio, {p['frames']} frames) of {p['samples']} samples, "
              f"batch {p['batch_size']}, {p['workers']} workers or threads, with missing-modality augmentation "
-             f"`{p['augment']}`; samples/s of the median of {p['repeats']} epochs, start-up included. "
-             "Steady: the rate after the first batch of each epoch (start-up weighs less in a real epoch of "
-             "thousands of samples than in these short ones).", "",
+             f"`{p['augment']}`; samples/s of the median of {p['repeats']} epochs, start-up included (the "
+             "time to an epoch's first batch weighs more in these short epochs than in a real one).", "",
              "| loader | " + " | ".join(f"p={d:g} samples/s" for d in drops) + f" | p={drops[-1]:g} / p=0 | "
-             + " | ".join(f"/ raw (p={d:g})" for d in drops)
-             + " | steady samples/s (p=0) | steady / raw (p=0) | first batch s (p=0) | CPU-ms per sample (p=0) |",
-             "|---|" + "---|" * (2 * len(drops) + 5)]
-    steady_ratios = r["ratios"].get("shards_over_raw_steady", {}).get("p0", {})
+             + " | ".join(f"/ raw (p={d:g})" for d in drops) + " | first batch s (p=0) | CPU-ms per sample (p=0) |",
+             "|---|" + "---|" * (2 * len(drops) + 3)]
     for n in names:
         rates = [configs[f"{n}_p{d:g}"]["samples_per_s"] for d in drops]
         over_raw = [r["ratios"]["shards_over_raw"].get(f"p{d:g}", {}).get(n) for d in drops]
@@ -206,8 +203,6 @@ def loader_section(r: dict) -> list[str]:
         lines.append(f"| {n} | " + " | ".join(fmt(x) for x in rates)
                      + f" | {fmt(r['ratios']['drop_over_no_drop'].get(n), 2)} | "
                      + " | ".join(fmt(x, 1) + ("x" if x is not None else "") for x in over_raw)
-                     + f" | {fmt(p0.get('steady_samples_per_s'))} | "
-                     + (f"{steady_ratios[n]:.1f}x" if n in steady_ratios else "-")
                      + f" | {fmt(p0.get('first_batch_s'), 2)} | {fmt(p0.get('cpu_ms_per_sample'))} |")
     lines += ["", "| target | result |", "|---|---|"]
     lines += [f"| {k} | {yes(v)} |" for k, v in r.get("targets", {}).items()]

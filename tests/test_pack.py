@@ -151,3 +151,16 @@ def test_requirements_leave_out_torch_and_pick_the_dali_build_for_the_cuda_versi
     assert len(dali) == 1 and dali[0].startswith("nvidia-dali-cuda130==")
     assert any(r.startswith("imageio-ffmpeg") for r in reqs) and any(r.startswith("ray[") for r in reqs)
     assert [r for r in pack.requirements("") if r.startswith("nvidia-dali")][0].startswith("nvidia-dali-cuda120==")
+
+
+def test_bare_names_leave_out_big_wheels_but_send_small_ones(tmp_path: Path) -> None:
+    src = tmp_path / "wheels"
+    src.mkdir()
+    make_wheel(src, "alpha_pkg", "1.0", 120_000, 1)
+    make_wheel(src, "gamma_pkg", "0.1", 1_000, 3)
+    done = run_pack("prepare", "--out", str(tmp_path / "parts"), "--wheels", str(src), "--send-small-mib", "0.05",
+                    "--have", str(write(tmp_path / "have.txt", "alpha-pkg\ngamma_pkg\n")))
+    assert done.returncode == 0, done.stderr
+    assert "leaving out 1 wheel(s)" in done.stdout and "alpha_pkg-1.0" in done.stdout
+    assert run_pack("unpack", str(tmp_path / "parts"), str(tmp_path / "restored")).returncode == 0
+    assert [p.name for p in (tmp_path / "restored").glob("*.whl")] == ["gamma_pkg-0.1-py3-none-any.whl"]
