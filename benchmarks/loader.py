@@ -194,7 +194,7 @@ def plot(results: dict, path: Path) -> None:
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
-    from matplotlib.ticker import NullFormatter, ScalarFormatter
+    from matplotlib.ticker import LogLocator, NullFormatter, ScalarFormatter
 
     loaders = [name for name in ("raw", "torch", "dali_cpu", "dali_gpu") if f"{name}_p0" in results["configs"]]
     drops = results["params"]["drops"]
@@ -213,6 +213,9 @@ def plot(results: dict, path: Path) -> None:
         ax.set_ylabel(label, fontsize=9)
         ax.legend(fontsize=8)
     axes[0].set_yscale("log")
+    lowest = min(results["configs"][f"{n}_p{p:g}"]["samples_per_s"] for n in loaders for p in drops)
+    axes[0].set_ylim(bottom=10 ** np.floor(np.log10(max(lowest, 1e-3))))  # bars grow from a round power of 10
+    axes[0].yaxis.set_major_locator(LogLocator(base=10, subs=(1.0, 2.0, 5.0)))
     axes[0].yaxis.set_major_formatter(ScalarFormatter())
     axes[0].yaxis.set_minor_formatter(NullFormatter())
     m, prm = results["machine"], results["params"]

@@ -164,3 +164,14 @@ def test_bare_names_leave_out_big_wheels_but_send_small_ones(tmp_path: Path) -> 
     assert "leaving out 1 wheel(s)" in done.stdout and "alpha_pkg-1.0" in done.stdout
     assert run_pack("unpack", str(tmp_path / "parts"), str(tmp_path / "restored")).returncode == 0
     assert [p.name for p in (tmp_path / "restored").glob("*.whl")] == ["gamma_pkg-0.1-py3-none-any.whl"]
+
+
+def test_gpu_script_without_wheels_says_how_to_make_them_and_keeps_its_log(tmp_path: Path) -> None:
+    env = {"PATH": "/usr/bin:/bin", "HOME": str(tmp_path), "OUT": str(tmp_path / "out"), "WORK": str(tmp_path / "w"),
+           "WHEELS": str(tmp_path / "no-wheels"), "VENV": str(tmp_path / "venv"), "PYTHON": sys.executable}
+    done = subprocess.run(["bash", str(ROOT / "benchmarks" / "gpu.sh")], env=env, capture_output=True, text=True,
+                          timeout=120)
+    assert done.returncode == 2
+    log = (tmp_path / "out" / "gpu.log").read_text()
+    assert "pack.py prepare" in log and "gpu.sh: exit code 2" in log
+    assert not (tmp_path / "venv").exists()  # nothing installed before the wheels are there
