@@ -140,13 +140,14 @@ def measure(loader: Iterable[dict], repeats: int, warmup: int = 1) -> dict:
     for _ in range(warmup):
         for _batch in loader:
             pass
-    seconds, cpu, counts, firsts = [], [], [], []
+    seconds, cpu, counts, firsts, devices = [], [], [], [], set()
     for _ in range(repeats):
         n, first = 0, None
         started, cpu_started = time.perf_counter(), cpu_seconds()
         for batch in loader:
             if first is None:
                 first = time.perf_counter() - started
+                devices |= {str(batch[m].device) for m in ("visual", "audio", "text") if m in batch}
             n += len(batch["key"])
         seconds.append(time.perf_counter() - started)
         cpu.append(cpu_seconds() - cpu_started)
@@ -155,7 +156,7 @@ def measure(loader: Iterable[dict], repeats: int, warmup: int = 1) -> dict:
     rates = [n / s for n, s in zip(counts, seconds)]
     return {"samples_per_s": round(statistics.median(rates), 2), "runs_samples_per_s": [round(r, 2) for r in rates],
             "epoch_seconds": [round(s, 3) for s in seconds], "samples_per_epoch": counts[0],
-            "first_batch_s": round(statistics.median(firsts), 3),
+            "first_batch_s": round(statistics.median(firsts), 3), "output_devices": sorted(devices),
             "cpu_ms_per_sample": round(1000 * statistics.median(c / n for c, n in zip(cpu, counts)), 2)}
 
 
@@ -296,9 +297,9 @@ def main(argv: list[str] | None = None) -> dict:
                                      device_id=0 if device == "gpu" else None)
             result = measure(loader, args.repeats)
             configs[f"{name}_p{p:g}"] = {"loader": name, "drop": p, **result}
-            log.info("%-9s p=%-4g %8.1f samples/s  first batch %.2f s  %7.1f CPU-ms/sample  (epochs: %s s)", name,
-                     p, result["samples_per_s"], result["first_batch_s"], result["cpu_ms_per_sample"],
-                     result["epoch_seconds"])
+            log.info("%-9s p=%-4g %8.1f samples/s  first batch %.2f s  %7.1f CPU-ms/sample  (epochs: %s s; "
+                     "tensors on %s)", name, p, result["samples_per_s"], result["first_batch_s"],
+                     result["cpu_ms_per_sample"], result["epoch_seconds"], ", ".join(result["output_devices"]))
             del loader
             gc.collect()
 
