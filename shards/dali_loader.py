@@ -205,17 +205,22 @@ class DaliLoader:
     def _build(self) -> None:
         """A pipeline for the current epoch: its shuffle and masks depend on (seed, epoch, shard) only, so
         an epoch is a fresh pass over the shard and a new loader at epoch e reproduces epoch e."""
-        rng_seed = (self._seed * 1_000_003 + self.epoch * 7_919 + self._shard_id) % 2**31
-        self._pipe = multimodal_pipeline(
-            **self._kwargs, rng_seed=rng_seed, batch_size=self.batch_size, num_threads=self._num_threads,
-            device_id=self._device_id, seed=rng_seed, enable_checkpointing=self.train,
-            checkpoint=self._checkpoint, prefetch_queue_depth=2, exec_dynamic=True)
+        self._pipe = self.make_pipeline()
         self._pipe.build()
         self._pipe_epoch = self.epoch
         if self._checkpoint is None:  # no reader checkpoint: replay the batches already consumed
             for _ in range(self.batches_done):
                 self._pipe.run()
         self._checkpoint = None
+
+    def make_pipeline(self) -> Pipeline:
+        """The (unbuilt) pipeline of the current epoch. Defining its graph needs no device, so a machine
+        without a GPU can check the GPU graph (`make_pipeline()._build_graph()`): devices and layouts."""
+        rng_seed = (self._seed * 1_000_003 + self.epoch * 7_919 + self._shard_id) % 2**31
+        return multimodal_pipeline(
+            **self._kwargs, rng_seed=rng_seed, batch_size=self.batch_size, num_threads=self._num_threads,
+            device_id=self._device_id, seed=rng_seed, enable_checkpointing=self.train,
+            checkpoint=self._checkpoint, prefetch_queue_depth=2, exec_dynamic=True)
 
     def state_dict(self) -> dict:
         """Epoch, batches consumed and the DALI checkpoint (reader position and random state)."""

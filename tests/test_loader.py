@@ -466,3 +466,17 @@ def test_training_workers_run_the_same_number_of_steps(backend: str, corpus: Cor
                                crop=32, num_workers=0 if backend == "torch" else 1)) for i in range(4)]
     assert lengths == [1, 1, 1, 1]
     assert training_steps(len(corpus.keys), 4, 2) == 1 and training_steps(len(corpus.keys), 1, 2) == 7
+
+
+@needs_dali
+@pytest.mark.parametrize("train", [True, False], ids=["train", "eval"])
+def test_the_gpu_pipeline_graph_is_well_formed_without_a_gpu(train: bool, corpus: Corpus) -> None:
+    """Defining the device="gpu" graph needs no GPU: it checks that both branches of every conditional end
+    on the same device and layout (nvJPEG frames vs zero frames, GPU log-mel vs zeros)."""
+    loader = make_loader(corpus.path, SPLIT, 4, backend="dali", device="gpu", train=train,
+                         augment=DROP_ONE if train else None, scenario="full" if train else "rate:audio=0.5",
+                         crop=64, num_workers=1, device_id=0)
+    pipe = loader.make_pipeline()
+    pipe._build_graph()  # raises on a CPU input to a GPU operator (e.g. a branch merge)
+    devices = [out.device for out in pipe._graph_outputs]
+    assert devices == ["gpu", "gpu", "cpu", "cpu"]  # visual, audio on the GPU; label, present on the CPU

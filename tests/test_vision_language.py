@@ -347,3 +347,19 @@ def test_a_local_hugging_face_tokenizer_replaces_the_default(tmp_path: Path) -> 
     ids = np.frombuffer(_member(path, "train", "0000000", "text.npy"), np.int32, offset=128)
     # "A story of ...": the tokenizer's own rules apply (this WordLevel one is case-sensitive: "A" is unknown)
     assert ids.shape == (24,) and list(ids[:3]) == [1, 3, 4]
+
+
+@needs_dali
+@pytest.mark.parametrize("name", list(MAKERS))
+def test_the_gpu_pipeline_graph_is_well_formed_for_text_and_spectrograms(name: str, built: dict[str, Built]) -> None:
+    """The device="gpu" graph of the text and stored-spectrogram datasets, defined without a GPU: frames
+    and spectrograms go to the GPU, token ids stay on the CPU (the trainer moves them)."""
+    from shards.scenarios import DropSpec
+
+    b = built[name]
+    loader = make_loader(b.path, "train", 4, backend="dali", device="gpu", train=True, num_workers=1, device_id=0,
+                         augment=DropSpec("independent", {"visual": 0.3, SECOND[name]: 0.3}))
+    pipe = loader.make_pipeline()
+    pipe._build_graph()
+    devices = [out.device for out in pipe._graph_outputs]
+    assert devices == ["gpu", "cpu" if SECOND[name] == "text" else "gpu", "cpu", "cpu"]
