@@ -45,8 +45,13 @@ finish() {
     echo "gpu.sh: exit code $rc after ${SECONDS} s; results in $OUT"
 }
 trap finish EXIT
+trap 'echo "gpu.sh: interrupted"; exit 130' INT
+trap 'echo "gpu.sh: terminated"; exit 143' TERM
 
 echo "gpu.sh: $(date -u '+%Y-%m-%d %H:%M:%S UTC') on $(hostname); repository $ROOT; wheels $WHEELS; work $WORK"
+# A report left in WORK by an earlier run must not pass for this run's (the corpus and shards are kept).
+rm -rf "$WORK/report.md" "$WORK/report.json" "$WORK"/{build,loader,train}.png "$WORK/logs" \
+    "$WORK"/{build,loader,train}/{build,loader,train}.json
 nvidia-smi || echo "gpu.sh: nvidia-smi failed"
 
 # Wheels may come as plain wheels, as wheels split with `split`, or as the parts of benchmarks/pack.py (numbered
@@ -54,14 +59,19 @@ nvidia-smi || echo "gpu.sh: nvidia-smi failed"
 "$PYTHON" "$ROOT/benchmarks/pack.py" unpack "$WHEELS" "$WORK/wheels"
 find_links=(--find-links "$WORK/wheels")
 
+if [[ -x $VENV/bin/python && "$(cat "$VENV/.made-from" 2>/dev/null)" != "$PYTHON" ]]; then
+    echo "gpu.sh: $VENV was made from another Python; making it again"
+    rm -rf "$VENV"
+fi
 if [[ ! -x $VENV/bin/python ]]; then
     # No pip of its own (ensurepip is missing on some images; the machine's pip is reached below).
     "$PYTHON" -m venv --system-site-packages --without-pip "$VENV"
-    # When PYTHON is itself a venv (e.g. an image's /opt/torch/.venv), --system-site-packages only reaches
-    # the base interpreter; a .pth file adds PYTHON's own site-packages, where torch and pip live.
-    site=$("$VENV/bin/python" -c 'import sysconfig; print(sysconfig.get_paths()["purelib"])')
-    "$PYTHON" -c 'import site; print("\n".join(site.getsitepackages()))' > "$site/_base_site_packages.pth"
+    echo "$PYTHON" > "$VENV/.made-from"
 fi
+# When PYTHON is itself a venv (e.g. an image's /opt/torch/.venv), --system-site-packages only reaches the base
+# interpreter; a .pth file adds PYTHON's own site-packages, where torch and pip live (rewritten every run).
+site=$("$VENV/bin/python" -c 'import sysconfig; print(sysconfig.get_paths()["purelib"])')
+"$PYTHON" -c 'import site; print("\n".join(site.getsitepackages()))' > "$site/_base_site_packages.pth"
 VPY=$VENV/bin/python
 if ! "$VPY" -m pip --version >/dev/null 2>&1; then
     echo "gpu.sh: $PYTHON has no pip; installing one into $VENV with ensurepip"
@@ -70,17 +80,25 @@ fi
 "$VPY" -c 'import torch' || { echo "gpu.sh: $PYTHON has no PyTorch; set PYTHON to the interpreter that has it"; exit 2; }
 pip_install() { "$VPY" -m pip install -q --no-index "${find_links[@]}" --no-cache-dir --disable-pip-version-check "$@"; }
 
-if ! pip_install nvidia-dali-cuda130; then
-    echo "gpu.sh: no usable nvidia-dali-cuda130 wheel set; trying nvidia-dali-cuda120"
-    pip_install nvidia-dali-cuda120
+dali_version=$("$VPY" - "$ROOT/pyproject.toml" <<'EOF'
+import re, sys, tomllib
+deps = tomllib.load(open(sys.argv[1], "rb"))["project"]["dependencies"]
+print(next(re.sub(r"^nvidia-dali-cuda\d+==", "", d) for d in deps if d.startswith("nvidia-dali-cuda")))
+EOF
+)
+if ! pip_install "nvidia-dali-cuda130==$dali_version"; then
+    echo "gpu.sh: no usable nvidia-dali-cuda130==$dali_version wheel set; trying nvidia-dali-cuda120"
+    pip_install "nvidia-dali-cuda120==$dali_version"
 fi
-mapfile -t deps < <("$VPY" - "$ROOT/pyproject.toml" <<'EOF'
+deps_text=$("$VPY" - "$ROOT/pyproject.toml" <<'EOF'
 import sys, tomllib
 for dep in tomllib.load(open(sys.argv[1], "rb"))["project"]["dependencies"]:
     if not dep.startswith(("torch", "nvidia-dali")):  # the machine's own torch; DALI is installed above
         print(dep)
 EOF
 )
+[[ -n $deps_text ]] || { echo "gpu.sh: no dependencies read from $ROOT/pyproject.toml"; exit 2; }
+mapfile -t deps <<< "$deps_text"
 pip_install "${deps[@]}"
 if ! command -v ffmpeg >/dev/null; then
     pip_install imageio-ffmpeg  # a static ffmpeg (with libx264) for benchmarks/corpus.py
@@ -98,5 +116,11 @@ EOF
 
 cd "$ROOT"
 left=$((BUDGET - SECONDS))
+if (( left < 60 )); then
+    echo "gpu.sh: set-up took ${SECONDS} s of BUDGET=${BUDGET}; less than a minute is left for the benchmarks"
+    exit 2
+fi
 echo "gpu.sh: set-up took ${SECONDS} s; benchmarks get ${left} s"
-PYTHONUNBUFFERED=1 "$VPY" benchmarks/run.py --device "$DEVICE" --out "$WORK" --time-limit "$left" "$@"
+# run.py stops a benchmark still running at its time limit and writes the report; timeout is the backstop.
+PYTHONUNBUFFERED=1 timeout -k 10 $((left + 20)) \
+    "$VPY" benchmarks/run.py --device "$DEVICE" --out "$WORK" --time-limit "$left" "$@"

@@ -38,7 +38,6 @@ import subprocess
 import sys
 import tarfile
 import tempfile
-import tomllib
 import zipfile
 from pathlib import Path
 from typing import BinaryIO, Iterable
@@ -67,6 +66,8 @@ def wheel_name(filename: str) -> str:
 # ----------------------------------------------------------------------------------------------- prepare
 def requirements(cuda: str | None) -> list[str]:
     """pyproject.toml's dependencies for the offline machine: no torch; DALI for `cuda`; the bench extra."""
+    import tomllib  # Python 3.11+; `unpack` runs on older Pythons too
+
     project = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]
     reqs = []
     for dep in project["dependencies"] + project["optional-dependencies"]["bench"]:
@@ -79,14 +80,18 @@ def requirements(cuda: str | None) -> list[str]:
     return reqs
 
 
-def read_have(path: Path | None) -> tuple[set[str], list[str]]:
-    """Names the offline machine has, and its `name==version` pins (local labels such as +cu130 dropped)."""
+VERSION = re.compile(r"v?\d+(\.\d+)*((a|b|rc)\d+)?(\.post\d+)?(\.dev\d+)?", re.IGNORECASE)  # PEP 440, public part
+
+
+def read_have(path: Path | None) -> tuple[set[str], dict[str, str]]:
+    """Names the offline machine has, and the versions of those pinned (`name==version`; local labels such
+    as +cu130 dropped; a version pip would not accept, e.g. a distribution's `1.1build1`, is left unpinned)."""
     if path is None:
-        return set(), []
+        return set(), {}
     if not path.is_file():
         raise PackError(f"--have {path}: no such file; write it on the offline machine with "
                         "`python3 -m pip freeze --all > have.txt`")
-    names, pins = set(), []
+    names, pins = set(), {}
     for line in path.read_text().splitlines():
         line = line.split("#", 1)[0].strip()
         if " @ " in line:  # name @ file:///... (installed from a file or VCS): the name only
@@ -97,55 +102,56 @@ def read_have(path: Path | None) -> tuple[set[str], list[str]]:
         match = re.fullmatch(r"([A-Za-z0-9][A-Za-z0-9._-]*)(?:==([^\s;+]+)(?:\+\S*)?)?", line)
         if not match:
             raise PackError(f"--have {path}: cannot read the line {line!r}; expected `name==version` or `name`")
-        names.add(normalize(match[1]))
-        if match[2] and normalize(match[1]) != "torch":
-            pins.append(f"{match[1]}=={match[2]}")
+        name = normalize(match[1])
+        names.add(name)
+        if match[2] and name != "torch" and VERSION.fullmatch(match[2]):
+            pins[name] = match[2]
     return names, pins
 
 
-def download(reqs: list[str], dest: Path, python_version: str, pins: list[str]) -> list[str]:
+def download(reqs: list[str], dest: Path, python_version: str, pins: dict[str, str]) -> dict[str, str]:
     """`pip download` of `reqs` and their dependencies as binary wheels for x86_64 Linux and `python_version`,
     the offline machine's versions (`pins`) preferred. A pin the project cannot use (pip names it in a
-    conflict) is dropped and the download retried: that package is then sent and installed beside the
-    machine's own. Returns the pins dropped."""
+    conflict, or has no such wheel) is dropped and the download retried: that package is then sent and
+    installed beside the machine's own. Each retry drops a pin, so it ends. Returns the pins kept."""
     cmd = [sys.executable, "-m", "pip", "download", "--disable-pip-version-check", "--only-binary=:all:",
            "--python-version", python_version, "--implementation", "cp", "-d", str(dest)]
     for platform in PLATFORMS:
         cmd += ["--platform", platform]
     print("pack.py: " + " ".join(cmd[2:6]) + f" ... {len(reqs)} requirements for CPython {python_version}", flush=True)
-    dropped: list[str] = []
+    pins = dict(pins)
     with tempfile.TemporaryDirectory(prefix="pack-constraints-") as tmp:
         constraints = Path(tmp) / "constraints.txt"
         while True:
-            constraints.write_text("".join(f"{pin}\n" for pin in pins))
+            constraints.write_text("".join(f"{name}=={version}\n" for name, version in sorted(pins.items())))
             done = subprocess.run(cmd + ["--constraint", str(constraints)] + reqs, capture_output=True, text=True)
             if done.returncode == 0:
-                break
+                return pins
             said = done.stdout + done.stderr
-            clashes = set(re.findall(r"The user requested \(constraint\) ([^\s,]+==[^\s,]+)", said))
-            clashes |= set(re.findall(r"No matching distribution found for ([^\s,]+==[^\s,]+)", said))
-            clashes &= set(pins)
+            named = re.findall(r"The user requested \(constraint\) ([^\s,=]+)==", said)
+            named += re.findall(r"No matching distribution found for ([^\s,=]+)==", said)
+            clashes = sorted({normalize(n) for n in named} & set(pins))
             if not clashes:
                 print(done.stdout[-4000:] + done.stderr[-4000:], file=sys.stderr)
                 raise PackError("pip download failed (above); check --python-version and the requirements")
-            for pin in sorted(clashes):
-                print(f"pack.py: the offline machine's {pin} does not fit the project's requirements; "
-                      "sending a version that does", flush=True)
-            pins = [p for p in pins if p not in clashes]
-            dropped += sorted(clashes)
-    return dropped
+            for name in clashes:
+                print(f"pack.py: the offline machine's {name}=={pins.pop(name)} does not fit the project's "
+                      "requirements; sending a version that does", flush=True)
 
 
-def stored_wheel(path: Path) -> bytes:
-    """The wheel re-zipped without compression, same members in the same order (RECORD stays valid)."""
-    out = io.BytesIO()
-    with zipfile.ZipFile(path) as src, zipfile.ZipFile(out, "w", zipfile.ZIP_STORED) as dst:
-        for info in src.infolist():
-            data = src.read(info)
-            clone = zipfile.ZipInfo(info.filename, date_time=info.date_time)
-            clone.external_attr, clone.create_system = info.external_attr, info.create_system
-            dst.writestr(clone, data, compress_type=zipfile.ZIP_STORED)
-    return out.getvalue()
+def stored_wheel(path: Path, out: BinaryIO) -> None:
+    """The wheel re-zipped into `out` without compression, same members in the same order (RECORD stays
+    valid), one member in memory at a time."""
+    try:
+        with zipfile.ZipFile(path) as src, zipfile.ZipFile(out, "w", zipfile.ZIP_STORED) as dst:
+            for info in src.infolist():
+                clone = zipfile.ZipInfo(info.filename, date_time=info.date_time)
+                clone.external_attr, clone.create_system = info.external_attr, info.create_system
+                clone.compress_type, clone.file_size = zipfile.ZIP_STORED, info.file_size
+                with src.open(info) as data, dst.open(clone, "w", force_zip64=info.file_size > 2**31) as target:
+                    shutil.copyfileobj(data, target, 4 * MIB)
+    except (zipfile.BadZipFile, OSError, EOFError) as exc:
+        raise PackError(f"{path}: not a readable wheel ({exc}); download it again") from None
 
 
 @contextlib.contextmanager
@@ -158,8 +164,13 @@ def xz_writer(raw: BinaryIO, preset: int):
     proc = subprocess.Popen(["xz", f"-{preset}", "-T0", "-c"], stdin=subprocess.PIPE, stdout=raw)
     try:
         yield proc.stdin
-    finally:
         proc.stdin.close()
+    except BrokenPipeError:
+        pass
+    finally:
+        if not proc.stdin.closed:
+            with contextlib.suppress(BrokenPipeError):
+                proc.stdin.close()
         if proc.wait() != 0:
             raise PackError(f"xz failed with exit status {proc.returncode}")
 
@@ -174,15 +185,24 @@ def pack(wheels: list[Path], out: Path, part_bytes: int, preset: int = 6) -> lis
     sums = {}
     packed = out / PACK
     total = 0
-    with open(packed, "wb") as raw, xz_writer(raw, preset) as xz, tarfile.open(fileobj=xz, mode="w|") as tar:
-        for i, wheel in enumerate(sorted(wheels, key=lambda p: p.name), 1):
-            data = stored_wheel(wheel)
-            sums[wheel.name] = hashlib.sha256(data).hexdigest()
-            info = tarfile.TarInfo(wheel.name)
-            info.size, info.mtime, info.mode = len(data), 0, 0o644
-            tar.addfile(info, io.BytesIO(data))
-            total += wheel.stat().st_size
-            print(f"pack.py: [{i}/{len(wheels)}] {wheel.name} ({wheel.stat().st_size / MIB:.1f} MiB)", flush=True)
+    try:
+        with open(packed, "wb") as raw, xz_writer(raw, preset) as xz, tarfile.open(fileobj=xz, mode="w|") as tar, \
+                tempfile.TemporaryFile(dir=out) as stored:
+            for i, wheel in enumerate(sorted(wheels, key=lambda p: p.name), 1):
+                stored.seek(0)
+                stored.truncate()
+                stored_wheel(wheel, stored)
+                info = tarfile.TarInfo(wheel.name)
+                info.size, info.mtime, info.mode = stored.tell(), 0, 0o644
+                stored.seek(0)
+                sums[wheel.name] = hashlib.file_digest(stored, "sha256").hexdigest()
+                stored.seek(0)
+                tar.addfile(info, stored)
+                total += wheel.stat().st_size
+                print(f"pack.py: [{i}/{len(wheels)}] {wheel.name} ({wheel.stat().st_size / MIB:.1f} MiB)", flush=True)
+    except BaseException:
+        packed.unlink(missing_ok=True)  # a rerun into the same --out starts clean
+        raise
     sums[PACK] = sha256_file(packed)
     size = packed.stat().st_size
     folders = []
@@ -199,8 +219,14 @@ def pack(wheels: list[Path], out: Path, part_bytes: int, preset: int = 6) -> lis
     return folders
 
 
+def wheel_version(filename: str) -> str:
+    return filename.split("-")[1]
+
+
 def prepare(args: argparse.Namespace) -> None:
     out = Path(args.out)
+    if args.part_mib * MIB < 1:
+        raise PackError(f"--part-mib {args.part_mib}: give a size above 0 (MiB per part, e.g. 60)")
     names, pins = read_have(Path(args.have) if args.have else None)
     with tempfile.TemporaryDirectory(prefix="pack-") as tmp:
         if args.wheels:
@@ -209,14 +235,20 @@ def prepare(args: argparse.Namespace) -> None:
                 raise PackError(f"--wheels {src}: no such folder")
         else:
             src = Path(tmp)
-            dropped = download(requirements(args.cuda), src, args.python_version, pins)
-            names -= {normalize(pin.split("==", 1)[0]) for pin in dropped}
+            kept = download(requirements(args.cuda), src, args.python_version, pins)
+            names -= set(pins) - set(kept)  # pins that did not fit: that package is sent
+            pins = kept
         wheels = sorted(src.glob("*.whl"))
-        pinned = {normalize(pin.split("==", 1)[0]) for pin in pins}
-        # Small wheels go along even where the machine has the package, unless its exact version is known to
-        # fit (pinned): pip installs them only if the machine's version does not fit the project.
-        skipped = [w for w in wheels if wheel_name(w.name) in names
-                   and (wheel_name(w.name) in pinned or w.stat().st_size >= args.send_small_mib * MIB)]
+
+        def machine_has(wheel: Path) -> bool:
+            """A pinned package is left out only at the machine's version; one known by name only, unless its
+            wheel is small: pip installs that only where the machine's version does not fit the project."""
+            name = wheel_name(wheel.name)
+            if name in pins:
+                return normalize(wheel_version(wheel.name)) == normalize(pins[name])
+            return name in names and wheel.stat().st_size >= args.send_small_mib * MIB
+
+        skipped = [w for w in wheels if machine_has(w)]
         if skipped:
             print(f"pack.py: leaving out {len(skipped)} wheel(s) the offline machine has: "
                   f"{', '.join(w.name for w in skipped)}")
@@ -256,40 +288,67 @@ class Joined(io.RawIOBase):
 
 
 def group_parts(files: Iterable[Path]) -> dict[str, list[Path]]:
-    """NAME.part-xxx files by NAME, each list in name order (as `split` names them)."""
+    """NAME.part-xxx files by NAME, each list in the order `split` names them (shorter suffixes first: `split`
+    lengthens them as it runs out, and pack.py numbers 000 ... 999, 1000, ...)."""
     groups: dict[str, list[Path]] = {}
     for f in files:
         groups.setdefault(f.name.rsplit(".part-", 1)[0], []).append(f)
-    return {name: sorted(parts, key=lambda p: p.name) for name, parts in sorted(groups.items())}
+    order = lambda p: (len(p.name.rsplit(".part-", 1)[1]), p.name)  # noqa: E731
+    return {name: sorted(parts, key=order) for name, parts in sorted(groups.items())}
 
 
-def check_contiguous(name: str, parts: list[Path]) -> None:
-    """Parts made by this script are numbered 000, 001, ...: name the first one missing."""
+def check_parts(name: str, parts: list[Path]) -> None:
+    """The same part copied twice is named with its paths; pack.py's numbered parts (000, 001, ...) must
+    have no gap."""
+    seen: dict[str, Path] = {}
+    for part in parts:
+        if part.name in seen:
+            raise PackError(f"{name}: {part.name} is there twice ({seen[part.name]} and {part}); keep one")
+        seen[part.name] = part
     suffixes = [p.name.rsplit(".part-", 1)[1] for p in parts]
-    if all(s.isdigit() for s in suffixes):
-        for expected, suffix in enumerate(sorted(int(s) for s in suffixes)):
-            if suffix != expected:
-                raise PackError(f"{name}: part {expected:03d} is missing (have {', '.join(suffixes)}); "
-                                "copy every numbered folder before unpacking")
+    if all(s.isdigit() and len(s) >= 3 for s in suffixes):
+        have = {int(s) for s in suffixes}
+        missing = [i for i in range(max(have) + 1) if i not in have]
+        if missing:
+            listed = ", ".join(f"{i:03d}" for i in missing[:5]) + (" ..." if len(missing) > 5 else "")
+            raise PackError(f"{name}: part {listed} {'is' if len(missing) == 1 else 'are'} missing "
+                            f"({len(parts)} of {max(have) + 1} here); copy every numbered folder before unpacking")
+
+
+def extract_wheels(name: str, stream: BinaryIO, dest: Path) -> None:
+    """The wheels of a pack (a tar of plain `*.whl` members, nothing else) into dest."""
+    with tarfile.open(fileobj=stream, mode="r|xz") as tar:
+        for member in tar:
+            if not member.isfile() or "/" in member.name or not member.name.endswith(".whl"):
+                raise PackError(f"{name}: unexpected member {member.name!r}; not a pack of pack.py")
+            with tar.extractfile(member) as data, open(dest / member.name, "wb") as f:
+                shutil.copyfileobj(data, f, 4 * MIB)
 
 
 def unpack(src: Path, dest: Path) -> list[Path]:
     if not src.is_dir():
         raise PackError(f"no wheel folder {src}; make one with `python benchmarks/pack.py prepare` "
                         "(see benchmarks/README.md)")
+    src, dest = src.resolve(), dest.resolve()
     dest.mkdir(parents=True, exist_ok=True)
+    stale = [w for w in dest.glob("*.whl") if dest != src]
+    if stale:  # another pack's wheels would be installed along with this one's
+        print(f"pack.py: removing {len(stale)} wheel(s) of an earlier unpack from {dest}", flush=True)
+        for wheel in stale:
+            wheel.unlink()
     sums: dict[str, str] = {}
     for f in sorted(src.rglob(SUMS)):
         for line in f.read_text().splitlines():
             if line.strip():
                 digest, name = line.split(maxsplit=1)
                 sums[name.lstrip("*")] = digest
-    files = [f for f in src.rglob("*") if f.is_file()]
+    files = [f for f in src.rglob("*") if f.is_file() and dest not in f.parents]
     for f in files:
         if f.name.endswith(".whl") and f.parent != dest:
             shutil.copyfile(f, dest / f.name)
+    joined_wheels = []
     for name, parts in group_parts(f for f in files if ".part-" in f.name).items():
-        check_contiguous(name, parts)
+        check_parts(name, parts)
         print(f"pack.py: joining {name} from {len(parts)} part(s)", flush=True)
         if name in sums:  # check before unpacking, so that a bad part is named as such
             joined = Joined(parts)
@@ -301,24 +360,33 @@ def unpack(src: Path, dest: Path) -> list[Path]:
         stream = io.BufferedReader(Joined(parts), 4 * MIB)
         try:
             if name.endswith((".tar.xz", ".txz")):
-                with tarfile.open(fileobj=stream, mode="r|xz") as tar:
-                    for member in tar:
-                        if not member.isfile() or "/" in member.name or not member.name.endswith(".whl"):
-                            raise PackError(f"{name}: unexpected member {member.name!r}; not a pack of pack.py")
-                        with tar.extractfile(member) as data, open(dest / member.name, "wb") as f:
-                            shutil.copyfileobj(data, f, 4 * MIB)
+                extract_wheels(name, stream, dest)
             else:
                 with open(dest / name, "wb") as f:
                     shutil.copyfileobj(stream, f, 4 * MIB)
+                joined_wheels.append(dest / name)
         except (tarfile.TarError, lzma.LZMAError, EOFError) as exc:
             raise PackError(f"{name}: cannot unpack the joined parts ({exc}); copy the parts again") from None
-    for f in [f for f in src.rglob("*.tar.xz") if f.is_file()]:
-        with tarfile.open(f, "r:xz") as tar:
-            tar.extractall(dest, filter="data")
+    for f in [f for f in files if f.name.endswith((".tar.xz", ".txz"))]:
+        try:
+            with open(f, "rb") as stream:
+                extract_wheels(f.name, stream, dest)
+        except (tarfile.TarError, lzma.LZMAError, EOFError) as exc:
+            raise PackError(f"{f}: cannot unpack it ({exc}); copy it again") from None
     wheels = sorted(dest.glob("*.whl"))
     for wheel in wheels:
-        if wheel.name in sums and sha256_file(wheel) != sums[wheel.name]:
-            raise PackError(f"{wheel.name}: checksum differs from {SUMS}; copy it again")
+        if wheel.name in sums:
+            if sha256_file(wheel) != sums[wheel.name]:
+                raise PackError(f"{wheel.name}: checksum differs from {SUMS}; copy it again")
+        elif wheel in joined_wheels:  # joined by hand with no checksum: at least a whole zip
+            try:
+                with zipfile.ZipFile(wheel) as zf:
+                    bad = zf.testzip()
+            except zipfile.BadZipFile:
+                bad = "its directory"
+            if bad:
+                raise PackError(f"{wheel.name}: joined from its parts, it is not a whole wheel ({bad} is damaged): "
+                                "a part is missing or damaged; copy the parts again")
     print(f"pack.py: {len(wheels)} wheels in {dest}, "
           f"{sum(w.name in sums for w in wheels)} checked against {SUMS}", flush=True)
     return wheels
@@ -335,7 +403,7 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--cuda", default="130", help="DALI's CUDA build: 130 or 120 (default 130); '' keeps pyproject's")
     p.add_argument("--have", help="`pip freeze` of the offline machine: those packages are left out")
     p.add_argument("--wheels", help="pack the wheels in this folder instead of downloading")
-    p.add_argument("--part-mib", type=float, default=60, help="largest part, MiB (default 60)")
+    p.add_argument("--part-mib", type=float, default=60, help="largest part, MiB (default 60, above 0)")
     p.add_argument("--send-small-mib", type=float, default=1.0,
                    help="wheels smaller than this are sent even for packages in --have without a version (pip "
                         "uses them only where the machine's version does not fit); default 1")

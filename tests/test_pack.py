@@ -135,9 +135,9 @@ def test_unpack_without_the_folder_says_how_to_make_it(tmp_path: Path) -> None:
 def test_have_file_gives_names_and_pins_without_local_labels_or_torch(tmp_path: Path) -> None:
     names, pins = pack.read_have(write(tmp_path / "have.txt", (
         "numpy==2.5.2\ntorch==2.11.0+cu130\nPyYAML==6.0.2\n-e git+https://example.org/x.git#egg=x\n"
-        "mylib @ file:///tmp/mylib-1.0-py3-none-any.whl\nscipy\n# comment\n")))
-    assert names == {"numpy", "torch", "pyyaml", "mylib", "scipy"}
-    assert pins == ["numpy==2.5.2", "PyYAML==6.0.2"]
+        "mylib @ file:///tmp/mylib-1.0-py3-none-any.whl\nscipy\ndistro-info==1.1build1\n# comment\n")))
+    assert names == {"numpy", "torch", "pyyaml", "mylib", "scipy", "distro-info"}
+    assert pins == {"numpy": "2.5.2", "pyyaml": "6.0.2"}  # normalised names, as pip reports conflicts
     with pytest.raises(pack.PackError, match="cannot read the line"):
         pack.read_have(write(tmp_path / "bad.txt", "numpy>=2 <3\n"))
     done = run_pack("prepare", "--out", str(tmp_path / "o"), "--have", str(tmp_path / "missing.txt"))
@@ -175,3 +175,53 @@ def test_gpu_script_without_wheels_says_how_to_make_them_and_keeps_its_log(tmp_p
     log = (tmp_path / "out" / "gpu.log").read_text()
     assert "pack.py prepare" in log and "gpu.sh: exit code 2" in log
     assert not (tmp_path / "venv").exists()  # nothing installed before the wheels are there
+
+
+def test_parts_join_in_split_order_past_a_thousand_and_duplicates_are_named(tmp_path: Path) -> None:
+    names = [f"w.tar.xz.part-{i:03d}" for i in (1000, 101, 999, 0, 1001)]
+    order = [p.name.rsplit("-", 1)[1] for p in pack.group_parts(tmp_path / n for n in names)["w.tar.xz"]]
+    assert order == ["000", "101", "999", "1000", "1001"]
+    split_names = [f"x.whl.part-{s}" for s in ("zaaa", "aa", "yz", "ab")]
+    order = [p.name.rsplit("-", 1)[1] for p in pack.group_parts(tmp_path / n for n in split_names)["x.whl"]]
+    assert order == ["aa", "ab", "yz", "zaaa"]
+    with pytest.raises(pack.PackError, match="part-000 is there twice"):
+        pack.check_parts("w.tar.xz", [tmp_path / "01" / "w.tar.xz.part-000", tmp_path / "x" / "w.tar.xz.part-000"])
+    with pytest.raises(pack.PackError, match="part 001, 002 are missing"):
+        pack.check_parts("w.tar.xz", [tmp_path / "w.tar.xz.part-000", tmp_path / "w.tar.xz.part-003"])
+
+
+def test_a_hand_split_wheel_with_a_part_missing_and_no_checksum_is_refused(tmp_path: Path) -> None:
+    src = tmp_path / "copied"
+    src.mkdir()
+    data = make_wheel(tmp_path, "delta_pkg", "4.0", 50_000, 4).read_bytes()
+    (src / "delta_pkg-4.0-py3-none-any.whl.part-aa").write_bytes(data[:30_000])
+    done = run_pack("unpack", str(src), str(tmp_path / "restored"))
+    assert done.returncode == 2 and "not a whole wheel" in done.stderr and "Traceback" not in done.stderr
+
+
+def test_pinned_wheels_of_another_version_are_sent_and_bad_input_is_refused(tmp_path: Path) -> None:
+    src = tmp_path / "wheels"
+    src.mkdir()
+    make_wheel(src, "alpha_pkg", "1.0", 120_000, 1)
+    make_wheel(src, "beta_pkg", "2.3", 90_000, 2)
+    have = write(tmp_path / "have.txt", "alpha-pkg==1.0\nbeta_pkg==1.9\n")
+    done = run_pack("prepare", "--out", str(tmp_path / "parts"), "--wheels", str(src), "--have", str(have))
+    assert done.returncode == 0, done.stderr
+    assert "leaving out 1 wheel(s)" in done.stdout and "alpha_pkg-1.0" in done.stdout
+    done = run_pack("prepare", "--out", str(tmp_path / "p0"), "--wheels", str(src), "--part-mib", "0")
+    assert done.returncode == 2 and "--part-mib" in done.stderr and not (tmp_path / "p0").exists()
+    (src / "broken-1.0-py3-none-any.whl").write_bytes(b"not a zip")
+    done = run_pack("prepare", "--out", str(tmp_path / "p1"), "--wheels", str(src))
+    assert done.returncode == 2 and "not a readable wheel" in done.stderr and "Traceback" not in done.stderr
+    assert not list((tmp_path / "p1").iterdir())  # no partial pack left: a rerun may use the same --out
+
+
+def test_unpack_replaces_the_wheels_of_an_earlier_unpack(packed: tuple[Path, list[Path]], tmp_path: Path) -> None:
+    parts, _ = packed
+    dest = tmp_path / "restored"
+    dest.mkdir()
+    (dest / "nvidia_dali_cuda130-2.4.0-py3-none-any.whl").write_bytes(b"old")
+    done = run_pack("unpack", str(parts), str(dest))
+    assert done.returncode == 0, done.stderr
+    assert sorted(p.name for p in dest.glob("*.whl")) == ["alpha_pkg-1.0-py3-none-any.whl",
+                                                          "beta_pkg-2.3-py3-none-any.whl"]
