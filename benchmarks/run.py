@@ -213,7 +213,8 @@ def train_section(r: dict) -> list[str]:
     p = r["params"]
     lines = [f"Model: {p['model']}; batch {p['batch_size_per_worker']} per worker, crop {p['crop']}, loader "
              f"`{p['loader_backend']}` with {p['loader_workers']} threads/workers, {p['cpus_per_worker']:g} CPUs per "
-             f"Ray worker, {p['train_samples']} train samples; median of {p['repeats']} runs."]
+             f"Ray worker, {p['train_samples']} train samples, autocast {p.get('amp', 'none')}; median of "
+             f"{p['repeats']} runs."]
     if p["overrides"]:
         lines[0] += " Config overrides: " + ", ".join(f"`{o}`" for o in p["overrides"]) + "."
     s = r.get("step")

@@ -279,15 +279,16 @@ def dataset_dir(args: argparse.Namespace, cores: int) -> Path:
     return (args.out / "shards" / "kinetics_sound").resolve()
 
 
-def load_bench_config(args: argparse.Namespace, dataset: Path, cores: int) -> Config:
+def load_bench_config(args: argparse.Namespace, dataset: Path, cores: int, amp: bool) -> Config:
     """The config with the benchmark's settings; CPUs per worker capped so max(--workers) fit the machine
-    (each worker keeps the same share as the count grows); user --set values win."""
+    (each worker keeps the same share as the count grows); the Ray runs under bf16 autocast when the step
+    measurement is (`train.amp`); user --set values win."""
     base = load_config(args.config, args.set)
     share = max(1, cores // max(args.workers)) if args.ray else cores
     cpus = min(int(base.ray.cpus_per_worker), share)
     defaults = [f"data.dataset_dir={dataset}", f"train.epochs={args.epochs}",
                 f"ray.use_gpu={str(args.device == 'gpu').lower()}", f"ray.cpus_per_worker={cpus}",
-                f"data.num_workers={min(base.data.num_workers, cpus)}"]
+                f"data.num_workers={min(base.data.num_workers, cpus)}", f"train.amp={'bf16' if amp else 'none'}"]
     user_keys = {s.split("=", 1)[0].strip() for s in args.set}
     return absolute(load_config(args.config, [d for d in defaults if d.split("=", 1)[0] not in user_keys] + args.set))
 
@@ -312,7 +313,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--step-batches", type=int, default=20, help="batches per timed step phase (0: skip)")
     parser.add_argument("--warmup-batches", type=int, default=3)
     parser.add_argument("--amp", choices=("auto", "bf16", "none"), default="auto",
-                        help="autocast of the step measurement (auto: bf16 on a GPU, none on the CPU)")
+                        help="autocast of the step measurement and the Ray runs (train.amp): auto is bf16 on a GPU, none on the CPU")
     args = parser.parse_args(argv)
     if min(args.workers) <= 0 or args.repeats <= 0 or args.epochs < 2 or args.clips <= 0:
         parser.error("--workers, --repeats and --clips must be positive and --epochs at least 2")
@@ -344,9 +345,9 @@ def main(argv: list[str] | None = None) -> dict:
     args.out.mkdir(parents=True, exist_ok=True)
     cores = len(os.sched_getaffinity(0))
     load_before = os.getloadavg()
-    config = load_bench_config(args, dataset_dir(args, cores), cores)
-    info = read_dataset_info(config.data.dataset_dir)
     amp = args.amp == "bf16" or (args.amp == "auto" and device.type == "cuda")
+    config = load_bench_config(args, dataset_dir(args, cores), cores, amp)
+    info = read_dataset_info(config.data.dataset_dir)
     result: dict = {
         "benchmark": "training samples/s (Ray Train joint stage; one-device step vs loader)",
         "params": {"dataset": config.data.dataset_dir, "train_samples": info.splits["train"]["samples"],
@@ -354,7 +355,7 @@ def main(argv: list[str] | None = None) -> dict:
                    "workers": args.workers, "batch_size_per_worker": config.data.batch_size,
                    "crop": config.data.crop_size, "loader_backend": config.data.backend,
                    "loader_workers": config.data.num_workers, "cpus_per_worker": config.ray.cpus_per_worker,
-                   "use_gpu": config.ray.use_gpu, "statistic": "median",
+                   "use_gpu": config.ray.use_gpu, "amp": config.train.amp, "statistic": "median",
                    "model": f"{'+'.join(config.model.encoders[m] for m in info.modalities)} "
                             f"width {config.model.width}, fusion {config.model.fusion}, {len(info.classes)} classes"},
     }
