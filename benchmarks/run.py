@@ -58,6 +58,7 @@ class Profile:
     train_set: list[str] = field(default_factory=list)  # config overrides of the training benchmark
     epochs: int = 2
     step_batches: int = 20
+    tile: int = 1  # the training benchmark's epochs: every train shard this many times
     repeats: int = 3
 
 
@@ -68,7 +69,7 @@ def make_profile(device: str, quick: bool, cores: int, gpus: int) -> Profile:
         return Profile(clips=96 if quick else 384, val_clips=16 if quick else 32, build_clips=32 if quick else 64,
                        build_workers=[1, min(4, cores), cores] if cores > 4 else spread, loader_batch=64,
                        train_workers=list(range(1, gpus + 1)), epochs=2 if quick else 3,
-                       step_batches=10 if quick else 30)
+                       step_batches=10 if quick else 30, tile=4 if quick else 8)
     if quick:
         return Profile(clips=24, val_clips=8, build_clips=16, build_workers=[1, 2] if cores >= 2 else [1],
                        loader_batch=8, train_workers=[1, 2] if cores >= 2 else [1],
@@ -162,7 +163,7 @@ def benchmark_args(name: str, p: Profile, device: str, out: Path, src: Path, bui
                 "--device", device, "--workers", str(cores), "--repeats", str(max(p.repeats, 5))]
     sets = [a for s in p.train_set for a in ("--set", s)]
     return ["--out", str(out / "train"), "--src", str(src), "--device", device, "--workers", *map(str, p.train_workers),
-            "--epochs", str(p.epochs), "--step-batches", str(p.step_batches), *sets, *reps]
+            "--epochs", str(p.epochs), "--step-batches", str(p.step_batches), "--tile", str(p.tile), *sets, *reps]
 
 
 # --------------------------------------------------------------------------------------------- report
@@ -213,8 +214,9 @@ def train_section(r: dict) -> list[str]:
     p = r["params"]
     lines = [f"Model: {p['model']}; batch {p['batch_size_per_worker']} per worker, crop {p['crop']}, loader "
              f"`{p['loader_backend']}` with {p['loader_workers']} threads/workers, {p['cpus_per_worker']:g} CPUs per "
-             f"Ray worker, {p['train_samples']} train samples, autocast {p.get('amp', 'none')}; median of "
-             f"{p['repeats']} runs."]
+             f"Ray worker, {p['train_samples']} train samples"
+             + (f" (every train shard {p['tile']} times per epoch)" if p.get("tile", 1) > 1 else "")
+             + f", autocast {p.get('amp', 'none')}; median of {p['repeats']} runs."]
     if p["overrides"]:
         lines[0] += " Config overrides: " + ", ".join(f"`{o}`" for o in p["overrides"]) + "."
     s = r.get("step")

@@ -40,7 +40,7 @@ from typing import Iterator
 
 import torch
 
-from corpus import fail, make_corpus
+from corpus import fail, make_corpus, tile_shards
 from loader import machine_info
 from pipeline.build import BuildOptions, build_shards
 from shards.format import read_dataset_info
@@ -268,15 +268,21 @@ def plot(result: dict, path: Path) -> None:
 
 # --------------------------------------------------------------------------------------------- main
 def dataset_dir(args: argparse.Namespace, cores: int) -> Path:
-    """The shards to train on: given, or built from --src or a generated corpus (reused when there)."""
+    """The shards to train on: given, or built from --src or a generated corpus (reused when there); with
+    --tile k, a view whose train split is every shard k times (epochs k times longer, no new data)."""
     if args.shards:
-        return args.shards.resolve()
-    src = args.src or make_corpus(args.out / "raw", args.clips, args.val_clips, cores)
-    started = time.perf_counter()
-    build_shards("kinetics_sound", src, args.out / "shards", BuildOptions(shard_size=args.shard_size),
-                 workers=cores, progress=False)
-    log.info("shards in %s (build or resume %.1f s)", args.out / "shards", time.perf_counter() - started)
-    return (args.out / "shards" / "kinetics_sound").resolve()
+        built = args.shards.resolve()
+    else:
+        src = args.src or make_corpus(args.out / "raw", args.clips, args.val_clips, cores)
+        started = time.perf_counter()
+        build_shards("kinetics_sound", src, args.out / "shards", BuildOptions(shard_size=args.shard_size),
+                     workers=cores, progress=False)
+        log.info("shards in %s (build or resume %.1f s)", args.out / "shards", time.perf_counter() - started)
+        built = (args.out / "shards" / "kinetics_sound").resolve()
+    if args.tile > 1:
+        built = tile_shards(built, args.out / f"shards_x{args.tile}" / built.name, args.tile)
+        log.info("train split tiled %d times: %s", args.tile, built)
+    return built
 
 
 def load_bench_config(args: argparse.Namespace, dataset: Path, cores: int, amp: bool) -> Config:
@@ -302,6 +308,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--clips", type=int, default=64, help="train clips to generate without --shards/--src")
     parser.add_argument("--val-clips", type=int, default=8, help="val clips to generate (the trainer validates)")
     parser.add_argument("--shard-size", type=int, default=32, help="samples per shard when building")
+    parser.add_argument("--tile", type=int, default=1,
+                        help="train on every shard this many times per epoch (hard links): epochs long enough that "
+                             "a fast loader is measured running rather than starting")
     parser.add_argument("--config", default=str(ROOT / "trainer/configs/kinetics_sound.toml"))
     parser.add_argument("--set", action="append", default=[], metavar="SECTION.KEY=VALUE",
                         help="config override (repeatable), e.g. model.width=16")
@@ -315,8 +324,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--amp", choices=("auto", "bf16", "none"), default="auto",
                         help="autocast of the step measurement and the Ray runs (train.amp): auto is bf16 on a GPU, none on the CPU")
     args = parser.parse_args(argv)
-    if min(args.workers) <= 0 or args.repeats <= 0 or args.epochs < 2 or args.clips <= 0:
-        parser.error("--workers, --repeats and --clips must be positive and --epochs at least 2")
+    if min(args.workers) <= 0 or args.repeats <= 0 or args.epochs < 2 or args.clips <= 0 or args.tile < 1:
+        parser.error("--workers, --repeats, --clips and --tile must be positive and --epochs at least 2")
     if args.step_batches < 0 or args.warmup_batches < 0:
         parser.error("--step-batches and --warmup-batches must be >= 0")
     args.workers = sorted(set(args.workers))
@@ -351,6 +360,7 @@ def main(argv: list[str] | None = None) -> dict:
     result: dict = {
         "benchmark": "training samples/s (Ray Train joint stage; one-device step vs loader)",
         "params": {"dataset": config.data.dataset_dir, "train_samples": info.splits["train"]["samples"],
+                   "tile": args.tile,
                    "config": args.config, "overrides": args.set, "epochs": args.epochs, "repeats": args.repeats,
                    "workers": args.workers, "batch_size_per_worker": config.data.batch_size,
                    "crop": config.data.crop_size, "loader_backend": config.data.backend,
