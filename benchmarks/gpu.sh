@@ -33,14 +33,16 @@ DEVICE=${DEVICE:-gpu}
 
 exec > >(tee "$OUT/gpu.log") 2>&1
 
+REPORT_FILES=(report.md report.json build.png loader.png train.png)  # run.py writes them into WORK
+DETAILS=(build/build.json loader/loader.json train/train.json)
+
 finish() {
     local rc=$?
     if [[ -d $WORK ]]; then
-        for f in report.md report.json build.png loader.png train.png; do
+        for f in "${REPORT_FILES[@]}"; do
             if [[ -f $WORK/$f ]]; then cp "$WORK/$f" "$OUT/"; fi
         done
-        (cd "$WORK" && tar -czf "$OUT/details.tar.gz" --ignore-failed-read logs \
-            build/build.json loader/loader.json train/train.json 2>/dev/null) || true
+        (cd "$WORK" && tar -czf "$OUT/details.tar.gz" --ignore-failed-read logs "${DETAILS[@]}" 2>/dev/null) || true
     fi
     echo "gpu.sh: exit code $rc after ${SECONDS} s; results in $OUT"
 }
@@ -50,8 +52,7 @@ trap 'echo "gpu.sh: terminated"; exit 143' TERM
 
 echo "gpu.sh: $(date -u '+%Y-%m-%d %H:%M:%S UTC') on $(hostname); repository $ROOT; wheels $WHEELS; work $WORK"
 # A report left in WORK by an earlier run must not pass for this run's (the corpus and shards are kept).
-rm -rf "$WORK/report.md" "$WORK/report.json" "$WORK"/{build,loader,train}.png "$WORK/logs" \
-    "$WORK"/{build,loader,train}/{build,loader,train}.json
+(cd "$WORK" 2>/dev/null && rm -rf "${REPORT_FILES[@]}" "${DETAILS[@]}" logs) || true
 nvidia-smi || echo "gpu.sh: nvidia-smi failed"
 
 # Wheels may come as plain wheels, as wheels split with `split`, or as the parts of benchmarks/pack.py (numbered
@@ -77,8 +78,13 @@ if ! "$VPY" -m pip --version >/dev/null 2>&1; then
     echo "gpu.sh: $PYTHON has no pip; installing one into $VENV with ensurepip"
     "$VPY" -m ensurepip --default-pip
 fi
-"$VPY" -c 'import torch' || { echo "gpu.sh: $PYTHON has no PyTorch; set PYTHON to the interpreter that has it"; exit 2; }
-pip_install() { "$VPY" -m pip install -q --no-index "${find_links[@]}" --no-cache-dir --disable-pip-version-check "$@"; }
+if ! "$VPY" -c 'import torch'; then
+    echo "gpu.sh: $PYTHON has no PyTorch; set PYTHON to the interpreter that has it"
+    exit 2
+fi
+pip_install() {
+    "$VPY" -m pip install -q --no-index "${find_links[@]}" --no-cache-dir --disable-pip-version-check "$@"
+}
 
 dali_version=$("$VPY" - "$ROOT/pyproject.toml" <<'EOF'
 import re, sys, tomllib
@@ -107,7 +113,8 @@ if ! "$VPY" -m pip install --no-index --no-deps --no-build-isolation --disable-p
     echo "gpu.sh: the editable install failed; importing the project from $ROOT through PYTHONPATH"
     export PYTHONPATH=$ROOT${PYTHONPATH:+:$PYTHONPATH}
 fi
-"$VPY" -m pip list --disable-pip-version-check 2>/dev/null | grep -i -E '^(torch|nvidia-dali|ray|av|decord|webdataset|numpy|imageio-ffmpeg) ' || true
+"$VPY" -m pip list --disable-pip-version-check 2>/dev/null \
+    | grep -i -E '^(torch|nvidia-dali|ray|av|decord|webdataset|numpy|imageio-ffmpeg) ' || true
 "$VPY" - <<'EOF'
 import torch, nvidia.dali, ray
 print(f"gpu.sh: torch {torch.__version__} (CUDA {torch.version.cuda}), cuda available {torch.cuda.is_available()}, "

@@ -331,7 +331,7 @@ def unpack(src: Path, dest: Path) -> list[Path]:
                         "(see benchmarks/README.md)")
     src, dest = src.resolve(), dest.resolve()
     dest.mkdir(parents=True, exist_ok=True)
-    stale = [w for w in dest.glob("*.whl") if dest != src]
+    stale = list(dest.glob("*.whl")) if dest != src else []
     if stale:  # another pack's wheels would be installed along with this one's
         print(f"pack.py: removing {len(stale)} wheel(s) of an earlier unpack from {dest}", flush=True)
         for wheel in stale:

@@ -322,7 +322,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--step-batches", type=int, default=20, help="batches per timed step phase (0: skip)")
     parser.add_argument("--warmup-batches", type=int, default=3)
     parser.add_argument("--amp", choices=("auto", "bf16", "none"), default="auto",
-                        help="autocast of the step measurement and the Ray runs (train.amp): auto is bf16 on a GPU, none on the CPU")
+                        help="autocast of the step measurement and the Ray runs (train.amp): auto is bf16 on a "
+                             "GPU, none on the CPU")
     args = parser.parse_args(argv)
     if min(args.workers) <= 0 or args.repeats <= 0 or args.epochs < 2 or args.clips <= 0 or args.tile < 1:
         parser.error("--workers, --repeats, --clips and --tile must be positive and --epochs at least 2")

@@ -8,7 +8,6 @@ nvJPEG (`mixed`) and the spectrogram, mel filter bank and decibels run on the GP
 as typed members whose first 128 bytes (the .npy header) are sliced off, as the label is."""
 from __future__ import annotations
 
-import logging
 from pathlib import Path
 from typing import Iterator
 
@@ -23,7 +22,6 @@ from shards.format import DatasetInfo, NPY_HEADER_BYTES, frame_member
 from shards.samples import SampleRef, shard_range, training_steps
 from shards.scenarios import DropSpec
 
-log = logging.getLogger(__name__)
 READER = "reader"
 
 

@@ -18,7 +18,8 @@ _spec.loader.exec_module(corpus)
 tile_shards = corpus.tile_shards
 
 
-def test_a_tiled_dataset_repeats_the_train_shards_and_keeps_the_other_splits(kinetics_sound_built, tmp_path: Path) -> None:
+def test_a_tiled_dataset_repeats_the_train_shards_and_keeps_the_other_splits(kinetics_sound_built,
+                                                                            tmp_path: Path) -> None:
     src = kinetics_sound_built.path
     info = read_dataset_info(src)
     tiled = tile_shards(src, tmp_path / "x3" / src.name, 3)
