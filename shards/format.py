@@ -52,6 +52,38 @@ def frame_member(index: int) -> str:
     return f"f{index}.jpg"
 
 
+_JPEG_SOF = {0xC0, 0xC1, 0xC2, 0xC3, 0xC5, 0xC6, 0xC7, 0xC9, 0xCA, 0xCB, 0xCD, 0xCE, 0xCF}
+
+
+def jpeg_size(data: bytes) -> tuple[int, int]:
+    """(height, width) that a JPEG's frame header (SOFn marker) declares, read without decoding.
+
+    The build records it per sample (`frame_size` in the sample's json, `frame_height`/`frame_width` in
+    the manifest) so `verify` and the loaders can check every decoded frame against it."""
+    if data[:2] != b"\xff\xd8":
+        raise ValueError("not a JPEG (no SOI marker)")
+    i = 2
+    while i + 4 <= len(data):
+        if data[i] != 0xFF:
+            raise ValueError(f"JPEG marker expected at byte {i}")
+        marker = data[i + 1]
+        if marker == 0xFF:  # fill byte
+            i += 1
+            continue
+        if marker in (0xD8, 0x01) or 0xD0 <= marker <= 0xD7:
+            i += 2
+            continue
+        length = int.from_bytes(data[i + 2:i + 4], "big")
+        if marker in _JPEG_SOF:
+            if i + 9 > len(data):
+                break
+            return int.from_bytes(data[i + 5:i + 7], "big"), int.from_bytes(data[i + 7:i + 9], "big")
+        if marker == 0xDA or length < 2:  # start of scan before any frame header
+            break
+        i += 2 + length
+    raise ValueError("JPEG has no frame header (SOFn)")
+
+
 def encode_npy(array: np.ndarray) -> bytes:
     """Serialise an array as .npy with a header of exactly NPY_HEADER_BYTES bytes."""
     buf = io.BytesIO()
