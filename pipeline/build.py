@@ -3,16 +3,28 @@
 The plan is fixed before any decoding: per split, samples sorted by key and cut into shards of
 `shard_size`. Each shard is one independent task (a local process or a Ray task) that decodes,
 encodes, validates and writes its tar, its index and a small part file (its manifest rows, rejects and
-checksum) last. A shard whose part file exists is done, so a rerun after a crash finishes only the
-missing shards, and the output does not depend on the number of workers."""
+checksum) last. The part file records a digest of what the shard was built from (its samples with labels,
+sources and their sizes and mtimes, the label shape and the tokenizer), so a rerun finishes only the
+missing shards after a crash, rebuilds exactly the shards whose inputs changed after the annotations or
+files were edited, and removes the shards the new plan no longer has; the output does not depend on the
+number of workers. Every output path is checked, links resolved, to lie inside --out.
+
+Workers ignore Ctrl-C (the parent stops them) and die with their parent (PR_SET_PDEATHSIG on Linux), so
+neither a Ctrl-C nor a SIGKILL of the build leaves processes behind."""
 from __future__ import annotations
 
+import ctypes
+import hashlib
 import io
 import json
 import logging
+import multiprocessing
 import os
+import re
+import signal
+import sys
 import time
-from concurrent.futures import FIRST_COMPLETED, ProcessPoolExecutor, wait
+from collections import Counter
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from statistics import median
@@ -23,15 +35,22 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 from tqdm import tqdm
 
-from pipeline.datasets import ADAPTERS, Corpus, Reject, Sample, SourceError
+from pipeline.datasets import ADAPTERS, SPLITS, Corpus, Reject, Sample, SourceError
 from pipeline.decode import DecodeError, decode_clip
 from pipeline.encode import encode_audio, encode_frame, encode_image_file, encode_text, load_array_row
 from pipeline.text import load_tokenizer, prepare_tokenizer
-from shards.format import FORMAT_VERSION, DatasetInfo, ShardInfo, encode_npy, frame_member
+from shards.format import FORMAT_VERSION, DatasetInfo, ShardInfo, encode_npy, frame_member, jpeg_size
 from shards.writer import ShardWriter, atomic_write_bytes, write_shard
 
 log = logging.getLogger(__name__)
 PARTS_DIR = ".build"
+SHARD_FILE = re.compile(r"\d{6}\.(tar|idx)")
+PART_FILE = re.compile(r"[a-z]+-\d{6}\.json")
+TEMP_FILE = re.compile(r"\..+\.tmp-\d+")
+
+
+class BuildInterrupted(KeyboardInterrupt):
+    """Ctrl-C during a build; the message says what was finished and that a rerun resumes."""
 
 
 @dataclass(frozen=True)
@@ -92,6 +111,8 @@ def plan_shards(samples: list[Sample], shard_size: int) -> list[ShardTask]:
     """Per split, samples in key order cut into consecutive shards."""
     tasks = []
     for split in sorted({s.split for s in samples}):
+        if split not in SPLITS:  # adapters reject these; a split name must never become a path
+            raise SourceError(f"split {split!r} is not one of {', '.join(SPLITS)}")
         members = sorted((s for s in samples if s.split == split), key=lambda s: s.key)
         for i in range(0, len(members), shard_size):
             tasks.append(ShardTask(split, i // shard_size, tuple(members[i:i + shard_size])))
@@ -117,11 +138,12 @@ def encode_sample(sample: Sample, src: Path, opts: BuildOptions, ctx: BuildConte
         return _encode_arrays(sample, src, opts, ctx)
     clip = decode_clip(src / sample.source, opts.frames, opts.fps, opts.sample_rate)
     has_audio = clip.audio is not None
+    frames = {frame_member(i): encode_frame(frame, opts.size, opts.jpeg_quality) for i, frame in enumerate(clip.frames)}
     meta = {"key": sample.key, "split": sample.split, "label": sample.label, "source": sample.source,
-            "duration": round(clip.duration, 3), "has_visual": True, "has_audio": has_audio}
-    members: dict[str, bytes] = {"json": json.dumps(meta, sort_keys=True).encode(), **label_members(sample, ctx)}
-    for i, frame in enumerate(clip.frames):
-        members[frame_member(i)] = encode_frame(frame, opts.size, opts.jpeg_quality)
+            "duration": round(clip.duration, 3), "has_visual": True, "has_audio": has_audio,
+            "frame_times": [round(t, 3) for t in clip.frame_times], "frame_size": _frame_size(frames)}
+    members: dict[str, bytes] = {"json": json.dumps(meta, sort_keys=True).encode(), **label_members(sample, ctx),
+                                 **frames}
     if has_audio:
         members[opts.audio_codec] = encode_audio(clip.audio, opts.sample_rate, opts.audio_codec)
     row = dict(meta, audio_seconds=round(len(clip.audio) / opts.sample_rate, 3) if has_audio else 0.0)
@@ -131,15 +153,24 @@ def encode_sample(sample: Sample, src: Path, opts: BuildOptions, ctx: BuildConte
     return members, row, partial
 
 
+def _frame_size(frames: dict[str, bytes]) -> list[int]:
+    """[height, width] of a sample's stored frames (all share it), [0, 0] without frames; the loaders and
+    `verify` check every decoded frame against it."""
+    sizes = {jpeg_size(data) for data in frames.values()}
+    if len(sizes) > 1:
+        raise DecodeError("encode", f"frames of one sample have different sizes {sorted(sizes)}")
+    return list(sizes.pop()) if sizes else [0, 0]
+
+
 def _encode_image_text(sample: Sample, src: Path, opts: BuildOptions, ctx: BuildContext,
                        out: Path | None) -> tuple[dict[str, bytes], dict, list[Reject]]:
     """mm_imdb / food101: the image as one JPEG frame (`f0.jpg`), the text as ids + zstd raw text."""
+    frames = {frame_member(0): encode_image_file(src / sample.source, opts.size, opts.jpeg_quality)} if sample.source else {}
     meta = {"key": sample.key, "split": sample.split, "label": sample.label, "labels": list(sample.labels),
             "source": sample.source, "duration": 0.0, "has_visual": bool(sample.source),
-            "has_audio": False, "has_text": sample.text is not None}
-    members: dict[str, bytes] = {"json": json.dumps(meta, sort_keys=True).encode(), **label_members(sample, ctx)}
-    if sample.source:
-        members[frame_member(0)] = encode_image_file(src / sample.source, opts.size, opts.jpeg_quality)
+            "has_audio": False, "has_text": sample.text is not None, "frame_size": _frame_size(frames)}
+    members: dict[str, bytes] = {"json": json.dumps(meta, sort_keys=True).encode(), **label_members(sample, ctx),
+                                 **frames}
     if sample.text is not None:
         tokenizer = load_tokenizer(str(out), ctx.tokenizer, opts.max_len)
         members["text.npy"], members["text.txt.zst"] = encode_text(sample.text, tokenizer)
@@ -164,17 +195,20 @@ def _encode_arrays(sample: Sample, src: Path, opts: BuildOptions,
     spec = np.asarray(load_array_row(src / sample.audio_source, sample.row), dtype=np.float32)
     if not np.isfinite(spec).all():
         raise DecodeError("audio", f"row {sample.row} of {sample.audio_source} holds NaN or infinite values")
+    frames = {frame_member(0): encode_frame(np.repeat(gray[:, :, None], 3, axis=2), opts.size, opts.jpeg_quality)}
     meta = {"key": sample.key, "split": sample.split, "label": sample.label, "labels": [sample.label],
             "source": f"{sample.source}#{sample.row}", "duration": 0.0, "has_visual": True, "has_audio": True,
-            "has_text": False}
-    members: dict[str, bytes] = {"json": json.dumps(meta, sort_keys=True).encode(), **label_members(sample, ctx)}
-    members[frame_member(0)] = encode_frame(np.repeat(gray[:, :, None], 3, axis=2), opts.size, opts.jpeg_quality)
+            "has_text": False, "frame_size": _frame_size(frames)}
+    members: dict[str, bytes] = {"json": json.dumps(meta, sort_keys=True).encode(), **label_members(sample, ctx),
+                                 **frames}
     members["spec.npy"] = encode_npy(spec)
     return members, dict(meta, audio_seconds=0.0, text_replaced=0), []
 
 
-def run_shard_task(task: ShardTask, src: str, out: str, opts: BuildOptions, ctx: BuildContext | None = None) -> dict:
-    """Build one shard (tar + idx + part file). Runs in a worker process or as a Ray task."""
+def run_shard_task(task: ShardTask, src: str, out: str, opts: BuildOptions, ctx: BuildContext | None = None,
+                   inputs: str = "") -> dict:
+    """Build one shard (tar + idx + part file). Runs in a worker process or as a Ray task. `inputs` is the
+    digest of what the shard is built from (`task_inputs`), recorded in the part file."""
     src_path, out_path = Path(src), Path(out)
     writer = ShardWriter()
     rows, rejects = [], []
@@ -188,46 +222,120 @@ def run_shard_task(task: ShardTask, src: str, out: str, opts: BuildOptions, ctx:
         writer.add(sample.key, members)
         rows.append(dict(row, shard=task.name))
         rejects.extend(asdict(r) for r in partial)
-    part = {"shard": task.name, "split": task.split, "rows": rows, "rejects": rejects, "samples": len(writer)}
+    part = {"shard": task.name, "split": task.split, "rows": rows, "rejects": rejects, "samples": len(writer),
+            "inputs": inputs}
+    tar_path = output_path(out_path, task.name)
     if len(writer):
-        tar_path = out_path / task.name
         tar_path.parent.mkdir(parents=True, exist_ok=True)
         part["sha256"], part["bytes"] = write_shard(tar_path, writer)
-    atomic_write_bytes(_part_path(out_path, task), json.dumps(part, sort_keys=True).encode())
+    else:  # every sample rejected: no tar, and none left from an earlier build of other inputs
+        tar_path.unlink(missing_ok=True)
+        tar_path.with_suffix(".idx").unlink(missing_ok=True)
+    atomic_write_bytes(output_path(out_path, _part_rel(task)), json.dumps(part, sort_keys=True).encode())
     return part
 
 
-def _part_path(out: Path, task: ShardTask) -> Path:
-    return out / PARTS_DIR / f"{task.split}-{task.index:06d}.json"
+def output_path(out: Path, rel: str) -> Path:
+    """`out / rel`, refused when it resolves (links followed) outside `out`: data never chooses a path."""
+    path = out / rel
+    root = out.resolve()
+    if not path.resolve().is_relative_to(root) or path.resolve() == root:
+        raise SourceError(f"output {rel} resolves to {path.resolve()}, outside --out {out}; "
+                          f"remove the link or pass another --out")
+    return path
 
 
-def _read_done(out: Path, task: ShardTask) -> dict | None:
-    """The part file of a finished shard, or None when the shard must be (re)built."""
-    path = _part_path(out, task)
+def _part_rel(task: ShardTask) -> str:
+    return f"{PARTS_DIR}/{task.split}-{task.index:06d}.json"
+
+
+def _source_stat(src: Path, rel: str) -> list[int] | None:
+    if not rel:
+        return None
+    try:
+        st = os.stat(src / rel)
+    except OSError:
+        return None
+    return [st.st_size, st.st_mtime_ns]
+
+
+def task_inputs(task: ShardTask, src: Path, ctx: BuildContext, text_sha256: str = "") -> str:
+    """Digest of everything a shard's bytes depend on besides the build options (checked by params.json):
+    its samples (key, split, label(s), source, text), each source's size and mtime, the label shape and the
+    tokenizer's vocabulary."""
+    h = hashlib.sha256(json.dumps([asdict(ctx), text_sha256]).encode())
+    for sample in task.samples:
+        stats = [_source_stat(src, sample.source), _source_stat(src, sample.audio_source)]
+        h.update(json.dumps([asdict(sample), stats], sort_keys=True).encode())
+    return h.hexdigest()
+
+
+def _read_done(out: Path, task: ShardTask, inputs: str) -> dict | None:
+    """The part file of a finished shard built from the same inputs, or None when it must be (re)built."""
+    path = out / _part_rel(task)
     if not path.is_file():
         return None
-    part = json.loads(path.read_text())
+    try:
+        part = json.loads(path.read_text())
+    except (OSError, json.JSONDecodeError):
+        return None
+    if part.get("inputs") != inputs:
+        return None
     if part["samples"] and not ((out / task.name).is_file() and (out / task.name).with_suffix(".idx").is_file()):
         return None
     return part
 
 
+def remove_stale(out: Path, tasks: list[ShardTask]) -> list[str]:
+    """Delete shards, indexes and part files the plan no longer has, and temporaries of killed writers;
+    returns the removed paths relative to `out`. Only names the build itself writes are touched."""
+    planned = {t.name for t in tasks}
+    planned_parts = {_part_rel(t) for t in tasks}
+    removed = []
+    for folder in sorted(p for p in out.iterdir() if p.is_dir() and not p.is_symlink()):
+        for path in sorted(folder.iterdir()):
+            rel = f"{folder.name}/{path.name}"
+            stale_shard = (folder.name != PARTS_DIR and SHARD_FILE.fullmatch(path.name)
+                           and f"{folder.name}/{path.stem}.tar" not in planned)
+            stale_part = folder.name == PARTS_DIR and PART_FILE.fullmatch(path.name) and rel not in planned_parts
+            if (stale_shard or stale_part or TEMP_FILE.fullmatch(path.name)) and path.is_file():
+                path.unlink()
+                removed.append(rel)
+        if folder.name != PARTS_DIR and not any(folder.iterdir()):
+            folder.rmdir()
+    return removed
+
+
+def _worker_init() -> None:
+    """Pool workers: Ctrl-C is the parent's to handle, and a worker dies with its parent."""
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    if sys.platform.startswith("linux"):
+        try:
+            ctypes.CDLL(None, use_errno=True).prctl(1, signal.SIGKILL)  # PR_SET_PDEATHSIG
+        except (OSError, AttributeError):
+            pass
+    if os.getppid() == 1:  # the parent died before the death signal was armed
+        os._exit(1)
+
+
+def _run_task(args: tuple) -> dict:
+    return run_shard_task(*args)
+
+
 def _run_local(todo: list[ShardTask], src: Path, out: Path, opts: BuildOptions, ctx: BuildContext,
-               workers: int) -> Iterator[dict]:
+               workers: int, inputs: dict[str, str]) -> Iterator[dict]:
+    jobs = [(t, str(src), str(out), opts, ctx, inputs[t.name]) for t in todo]
     if workers <= 1:
-        for task in todo:
-            yield run_shard_task(task, str(src), str(out), opts, ctx)
+        for job in jobs:
+            yield _run_task(job)
         return
-    with ProcessPoolExecutor(max_workers=workers) as pool:
-        pending = {pool.submit(run_shard_task, t, str(src), str(out), opts, ctx) for t in todo}
-        while pending:
-            done, pending = wait(pending, return_when=FIRST_COMPLETED)
-            for future in done:
-                yield future.result()
+    # Pool.__exit__ terminates the workers, so an error or Ctrl-C in the parent stops them at once
+    with multiprocessing.get_context("fork").Pool(min(workers, len(jobs)) or 1, initializer=_worker_init) as pool:
+        yield from pool.imap_unordered(_run_task, jobs)
 
 
 def _run_ray(todo: list[ShardTask], src: Path, out: Path, opts: BuildOptions, ctx: BuildContext,
-             address: str | None) -> Iterator[dict]:
+             address: str | None, inputs: dict[str, str]) -> Iterator[dict]:
     import ray
 
     started = not ray.is_initialized()
@@ -236,7 +344,7 @@ def _run_ray(todo: list[ShardTask], src: Path, out: Path, opts: BuildOptions, ct
              log_to_driver=False)
     try:
         remote = ray.remote(num_cpus=1)(run_shard_task)
-        pending = [remote.remote(t, str(src), str(out), opts, ctx) for t in todo]
+        pending = [remote.remote(t, str(src), str(out), opts, ctx, inputs[t.name]) for t in todo]
         while pending:
             done, pending = ray.wait(pending, num_returns=1)
             yield ray.get(done[0])
@@ -284,9 +392,13 @@ def build_shards(dataset: str, src: Path, out_root: Path, opts: BuildOptions, wo
     opts.check()
     kwargs = {"classes_file": classes_file} if classes_file and dataset == "kinetics_sound" else {}
     corpus: Corpus = ADAPTERS[dataset](src, **kwargs)
+    _log_adapter_notes(corpus)
     if not corpus.samples:
-        raise SourceError(f"{src}: the {dataset} adapter found no usable samples "
-                          f"({len(corpus.rejects)} rejected); check --src")
+        out = prepare_out(out_root, dataset)
+        rejects = [asdict(r) for r in corpus.rejects]
+        _write_parquet(out / "rejects.parquet", _reject_table(rejects))
+        raise SourceError(f"{src}: the {dataset} adapter found no usable samples ({len(rejects)} rejected, "
+                          f"listed in {out / 'rejects.parquet'}){reject_summary(rejects, indent=chr(10) + '  ')}")
     out = prepare_out(out_root, dataset)
     _check_params(out, dataset, src, opts)
     text_info = {}
@@ -298,26 +410,92 @@ def build_shards(dataset: str, src: Path, out_root: Path, opts: BuildOptions, wo
             raise SourceError(str(exc)) from exc
     ctx = BuildContext(len(corpus.classes), corpus.multilabel, text_info.get("tokenizer", ""))
     tasks = plan_shards(corpus.samples, opts.shard_size)
-    parts = {t.name: p for t in tasks if (p := _read_done(out, t)) is not None}
+    for task in tasks:  # refuse before any work when a split folder is a link out of --out
+        output_path(out, task.name), output_path(out, _part_rel(task))
+    inputs = {t.name: task_inputs(t, src, ctx, text_info.get("sha256", "")) for t in tasks}
+    parts = {t.name: p for t in tasks if (p := _read_done(out, t, inputs[t.name])) is not None}
     todo = [t for t in tasks if t.name not in parts]
-    log.info("%s: %d samples in %d shards (%d already built), %d rejected by the adapter",
-             dataset, len(corpus.samples), len(tasks), len(parts), len(corpus.rejects))
+    stale = remove_stale(out, tasks)
+    if todo or stale:  # the old dataset.json would describe shards that are about to change
+        (out / "dataset.json").unlink(missing_ok=True)
+    changed = sum(1 for t in todo if (out / _part_rel(t)).is_file())
+    log.info("%s: %d samples in %d shards (%d already built, %d to rebuild because their inputs changed, "
+             "%d stale files removed), %d rejected by the adapter",
+             dataset, len(corpus.samples), len(tasks), len(parts), changed, len(stale), len(corpus.rejects))
     workers = workers or os.cpu_count() or 1
-    runner = (_run_ray(todo, src, out, opts, ctx, ray_address) if use_ray
-              else _run_local(todo, src, out, opts, ctx, workers))
+    runner = (_run_ray(todo, src, out, opts, ctx, ray_address, inputs) if use_ray
+              else _run_local(todo, src, out, opts, ctx, workers, inputs))
     started = time.perf_counter()
     bar = tqdm(total=sum(len(t.samples) for t in todo), unit="clip", desc=f"build {dataset}", disable=not progress)
-    for part in runner:
-        parts[part["shard"]] = part
-        bar.update(len(part["rows"]) + sum(not r["kept"] for r in part["rejects"]))
-    bar.close()
+    finished = 0
+    try:
+        for part in runner:
+            parts[part["shard"]] = part
+            finished += 1
+            bar.update(len(part["rows"]) + sum(not r["kept"] for r in part["rejects"]))
+    except KeyboardInterrupt:
+        raise BuildInterrupted(
+            f"interrupted: {len(tasks) - len(todo) + finished} of {len(tasks)} shards of {dataset} are finished "
+            f"in {out} ({finished} in this run); rerun the same command to resume") from None
+    finally:
+        runner.close()  # stops the worker pool at once on an error or Ctrl-C
+        bar.close()
     elapsed = time.perf_counter() - started
     info = _finish(out, dataset, corpus, tasks, parts, opts, src, text_info)
     n_new = sum(len(t.samples) for t in todo)
+    n_rejected = sum(info.splits[s]["rejected"] for s in info.splits)
     log.info("built %d clips in %.1f s (%.1f clips/s); %d samples, %d rejects -> %s",
              n_new, elapsed, n_new / elapsed if elapsed > 0 else 0.0,
-             sum(info.splits[s]["samples"] for s in info.splits), sum(info.splits[s]["rejected"] for s in info.splits), out)
+             sum(info.splits[s]["samples"] for s in info.splits), n_rejected, out)
+    if n_rejected:
+        rejects = pq.read_table(out / "rejects.parquet").to_pylist()
+        log.info("most common reject reasons:%s", reject_summary([r for r in rejects if not r["kept"]]))
+    empty = info.build.get("empty_classes", [])
+    if empty:
+        log.warning("%d of %d classes have no sample in %s (%s%s); check the annotations or the class list",
+                    len(empty), len(info.classes), out, ", ".join(map(repr, empty[:5])), ", ..." if len(empty) > 5 else "")
     return info
+
+
+def reject_summary(rejects: list[dict], top: int = 5, indent: str = "\n  ") -> str:
+    """The most common reasons with counts and one example each, e.g. "15 x source path points outside
+    --src: images/train/a/a_1.jpg -> /elsewhere/...", plus a hint for the reasons that have one."""
+    groups: dict[str, list[dict]] = {}
+    for r in rejects:
+        groups.setdefault(f"{r['stage']}: {r['reason'].split(': ', 1)[0].split(' (', 1)[0]}", []).append(r)
+    lines = []
+    for _, rows in sorted(groups.items(), key=lambda g: (-len(g[1]), g[0]))[:top]:
+        first = rows[0]
+        where = f" ({first['source']})" if first["source"] and first["source"] not in first["reason"] else ""
+        lines.append(f"{len(rows)} x {first['reason']}{where}")
+    if any("points outside --src" in r["reason"] for r in rejects):
+        lines.append("hint: links under --src must point inside --src; pass the folder that holds the real "
+                     "files as --src, or copy them in")
+    if any(r["reason"].startswith("unknown split") for r in rejects):
+        lines.append(f"hint: splits must be one of {', '.join(SPLITS)} (or the adapter's own names)")
+    return "".join(indent + line for line in lines)
+
+
+def _log_adapter_notes(corpus: Corpus) -> None:
+    """Say what the adapter left out or changed without a reject row: other classes, replaced bytes."""
+    if corpus.skipped_labels:
+        total = sum(corpus.skipped_labels.values())
+        common = ", ".join(f"{k!r} x {v}" for k, v in Counter(corpus.skipped_labels).most_common(5))
+        log.info("%s: %d annotation rows of %d classes outside the class list left out (%s%s)", corpus.name, total,
+                 len(corpus.skipped_labels), common, ", ..." if len(corpus.skipped_labels) > 5 else "")
+    for name, n in sorted(corpus.annotation_replaced.items()):
+        log.warning("%s: %d invalid UTF-8 sequence(s) replaced by U+FFFD", name, n)
+
+
+def _reject_table(rejects: list[dict]) -> pa.Table:
+    return pa.table({
+        "key": pa.array([r["key"] for r in rejects], pa.string()),
+        "split": pa.array([r["split"] for r in rejects], pa.string()),
+        "source": pa.array([r["source"] for r in rejects], pa.string()),
+        "stage": pa.array([r["stage"] for r in rejects], pa.string()),
+        "reason": pa.array([r["reason"] for r in rejects], pa.string()),
+        "kept": pa.array([r["kept"] for r in rejects], pa.bool_()),
+    })
 
 
 def _finish(out: Path, dataset: str, corpus: Corpus, tasks: list[ShardTask], parts: dict[str, dict],
@@ -339,18 +517,12 @@ def _finish(out: Path, dataset: str, corpus: Corpus, tasks: list[ShardTask], par
         "duration": pa.array([r["duration"] for r in rows], pa.float64()),
         "audio_seconds": pa.array([r["audio_seconds"] for r in rows], pa.float64()),
         "text_replaced": pa.array([r.get("text_replaced", 0) for r in rows], pa.int64()),
+        "frame_height": pa.array([r.get("frame_size", [0, 0])[0] for r in rows], pa.int64()),
+        "frame_width": pa.array([r.get("frame_size", [0, 0])[1] for r in rows], pa.int64()),
         "source": [r["source"] for r in rows],
     })
-    reject_table = pa.table({
-        "key": pa.array([r["key"] for r in rejects], pa.string()),
-        "split": pa.array([r["split"] for r in rejects], pa.string()),
-        "source": pa.array([r["source"] for r in rejects], pa.string()),
-        "stage": pa.array([r["stage"] for r in rejects], pa.string()),
-        "reason": pa.array([r["reason"] for r in rejects], pa.string()),
-        "kept": pa.array([r["kept"] for r in rejects], pa.bool_()),
-    })
     _write_parquet(out / "manifest.parquet", manifest)
-    _write_parquet(out / "rejects.parquet", reject_table)
+    _write_parquet(out / "rejects.parquet", _reject_table(rejects))
     splits = {}
     for split in sorted({t.split for t in tasks}):
         split_rows = [r for r in rows if r["split"] == split]
@@ -365,6 +537,14 @@ def _finish(out: Path, dataset: str, corpus: Corpus, tasks: list[ShardTask], par
     shards = [ShardInfo(t.name, t.split, parts[t.name]["samples"], parts[t.name]["sha256"], parts[t.name]["bytes"])
               for t in tasks if parts[t.name]["samples"]]
     build = {"src": src.name, "options": asdict(opts), "adapter_rejects": len(corpus.rejects)}
+    if corpus.skipped_labels:
+        build["skipped_labels"] = dict(sorted(corpus.skipped_labels.items()))
+    if corpus.annotation_replaced:
+        build["annotation_replaced"] = dict(sorted(corpus.annotation_replaced.items()))
+    counts = Counter(i for r in rows for i in (r.get("labels") or [r["label"]]))
+    empty = [name for i, name in enumerate(corpus.classes) if not counts[i]]
+    if empty:
+        build["empty_classes"] = empty
     if "text" in corpus.modalities:
         replaced = [r.get("text_replaced", 0) for r in rows]
         build["text_replaced"] = {"samples": sum(n > 0 for n in replaced), "sequences": sum(replaced)}

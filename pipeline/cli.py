@@ -144,6 +144,10 @@ def main(argv: list[str] | None = None) -> int:
     except (UsageError, SourceError, FormatError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
+    except KeyboardInterrupt as exc:  # Ctrl-C; a build says what it finished (BuildInterrupted)
+        print(str(exc) or f"interrupted during `pipeline {args.command}`; nothing is half-written (writes are "
+              f"atomic), rerun the same command to resume", file=sys.stderr)
+        return 130
     except RuntimeError as exc:
         if "apt-get install" in str(exc):
             print(f"error: {exc}", file=sys.stderr)

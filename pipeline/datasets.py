@@ -5,15 +5,22 @@ datasets (mm_imdb, food101) give an image path (possibly none) and the text, rea
 the build can make the vocabulary from the train split first; av_mnist gives rows of the public arrays.
 
 An adapter returns `Sample`s (stable key, split, label, source file) and `Reject`s for annotation rows
-that cannot become samples (file not there, malformed row, a path outside --src); rows of classes the
-dataset does not keep (Kinetics-400 classes outside Kinetics-Sound) are skipped silently. Keys come from the source
-ids, never from enumeration order, so a rebuild is deterministic."""
+that cannot become samples (file not there, malformed row, a label outside the class list, a split that is
+not one of the adapter's known names, a path outside --src); rows of classes the dataset does not keep
+(Kinetics-400 classes outside Kinetics-Sound) are skipped and counted by label (`Corpus.skipped_labels`).
+Keys come from the source ids, never from enumeration order, so a rebuild is deterministic.
+
+Nothing read from the data chooses a path: a split must be one of `SPLITS` (an adapter's own names are
+mapped onto them, e.g. MM-IMDB's `dev`), and every source path must resolve, links followed, inside --src.
+Annotation files are read with one policy: a missing required column is a `SourceError` naming the file,
+the column and the expected header; bytes that are not UTF-8 are replaced by U+FFFD and counted per file
+(`Corpus.annotation_replaced`, recorded in dataset.json)."""
 from __future__ import annotations
 
 import csv
 import io
 import json
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from importlib import resources
 from pathlib import Path
 from typing import Callable
@@ -27,6 +34,10 @@ from shards.scenarios import key_uniform
 
 class SourceError(ValueError):
     """The raw corpus is not where or not what the adapter expects; the message says how to fix it."""
+
+
+SPLITS = ("train", "val", "test")
+"""The split names a build writes; anything else read from annotations is rejected, never used as a path."""
 
 
 @dataclass(frozen=True)
@@ -67,6 +78,8 @@ class Corpus:
     samples: list[Sample]
     rejects: list[Reject]
     multilabel: bool = False
+    skipped_labels: dict[str, int] = field(default_factory=dict)  # rows of classes not kept, by label
+    annotation_replaced: dict[str, int] = field(default_factory=dict)  # file -> invalid UTF-8 sequences
 
 
 def _require_file(path: Path, what: str, fix: str) -> Path:
@@ -80,10 +93,27 @@ def _require_dir(src: Path, dataset: str) -> None:
         raise SourceError(f"--src {src} is not a directory; pass the root of the raw {dataset} corpus")
 
 
+def _outside_src(src: Path, root: Path, rel: str) -> str | None:
+    """The reason a source path escapes --src (through `..`, an absolute path or a link), or None."""
+    resolved = (src / rel).resolve()
+    if resolved.is_relative_to(root):
+        return None
+    return f"source path points outside --src: {rel} -> {resolved}"
+
+
+def _split_problem(split: str, key: str, rel: str, known: tuple[str, ...] = SPLITS) -> Reject | None:
+    """A reject for a split name that is not one of the adapter's known names (it would become a path)."""
+    if split in known:
+        return None
+    return Reject(key, "", rel, "annotation",
+                  f"unknown split {split!r}; expected one of {', '.join(known)}")
+
+
 def _source_problem(src: Path, root: Path, rel: str, key: str, split: str, samples: dict[str, Sample]) -> Reject | None:
     """Why an annotated source cannot become a sample (outside --src, missing, duplicate key), or None."""
-    if not (src / rel).resolve().is_relative_to(root):
-        return Reject(key, split, rel, "annotation", "source path points outside --src")
+    outside = _outside_src(src, root, rel)
+    if outside:
+        return Reject(key, split, rel, "annotation", outside)
     if not (src / rel).is_file():
         return Reject(key, split, rel, "source", "annotated file not found")
     if key in samples:
@@ -91,8 +121,35 @@ def _source_problem(src: Path, root: Path, rel: str, key: str, split: str, sampl
     return None
 
 
-def _collect(rows, src: Path, classes: list[str], make: Callable) -> tuple[list[Sample], list[Reject]]:
-    """Turn annotation rows into samples, rejecting missing files and duplicate keys."""
+def read_annotation(path: Path, src: Path, replaced: dict[str, int]) -> str:
+    """An annotation file's text under the one policy of every adapter: invalid UTF-8 replaced by U+FFFD
+    and counted in `replaced` (by path relative to --src)."""
+    text, n = decode_text(path.read_bytes())
+    if n:
+        replaced[_rel_name(path, src)] = n
+    return text
+
+
+def _rel_name(path: Path, src: Path) -> str:
+    return path.relative_to(src).as_posix() if path.is_relative_to(src) else str(path)
+
+
+def read_csv_rows(path: Path, src: Path, required: tuple[str, ...], header: str,
+                  replaced: dict[str, int]) -> list[dict[str, str]]:
+    """Rows of a CSV with a header line; a missing required column is a `SourceError` naming the file,
+    the column(s) and the expected header."""
+    reader = csv.DictReader(io.StringIO(read_annotation(path, src, replaced), newline=""))
+    missing = [c for c in required if c not in (reader.fieldnames or [])]
+    if missing:
+        raise SourceError(f"{path}: missing column{'s' if len(missing) > 1 else ''} {', '.join(missing)}; "
+                          f"expected the header {header}")
+    return list(reader)
+
+
+def _collect(rows, src: Path, classes: list[str], make: Callable,
+             skipped: dict[str, int] | None = None) -> tuple[list[Sample], list[Reject]]:
+    """Turn annotation rows into samples, rejecting unknown splits, missing files and duplicate keys;
+    rows of classes not kept are counted by label in `skipped`."""
     index = {name: i for i, name in enumerate(classes)}
     samples: dict[str, Sample] = {}
     rejects: list[Reject] = []
@@ -109,9 +166,11 @@ def _collect(rows, src: Path, classes: list[str], make: Callable) -> tuple[list[
             rejects.append(made)
             continue
         key, split, label_name, rel = made
-        if label_name not in index:
-            continue  # a class the dataset does not keep (e.g. Kinetics-400 classes outside Kinetics-Sound)
-        problem = _source_problem(src, root, rel, key, split, samples)
+        if label_name not in index:  # a class the dataset does not keep (Kinetics-400 outside Kinetics-Sound)
+            if skipped is not None:
+                skipped[label_name] = skipped.get(label_name, 0) + 1
+            continue
+        problem = _split_problem(split, key, rel) or _source_problem(src, root, rel, key, split, samples)
         if problem:
             rejects.append(problem)
             continue
@@ -134,13 +193,11 @@ def kinetics_sound(src: Path, classes_file: Path | None = None) -> Corpus:
             f"no annotation CSVs in {src / 'annotations'}; the Kinetics-400 release has "
             f"annotations/{{train,val,test}}.csv with columns label,youtube_id,time_start,time_end,split")
     rows = []
+    replaced: dict[str, int] = {}
     for path in csvs:
-        with open(path, newline="", encoding="utf-8", errors="replace") as f:
-            reader = csv.DictReader(f)
-            missing = {"label", "youtube_id", "time_start", "time_end"} - set(reader.fieldnames or [])
-            if missing:
-                raise SourceError(f"{path}: missing columns {sorted(missing)}; expected label,youtube_id,time_start,time_end,split")
-            rows.extend((path.stem, r) for r in reader)
+        rows.extend((path.stem, r) for r in read_csv_rows(
+            path, src, ("label", "youtube_id", "time_start", "time_end"),
+            "label,youtube_id,time_start,time_end,split", replaced))
 
     def make(item):
         csv_split, row = item
@@ -152,8 +209,10 @@ def kinetics_sound(src: Path, classes_file: Path | None = None) -> Corpus:
                           f"malformed row {dict(row)}")
         return sanitize_key(stem), split, (row.get("label") or "").strip(), f"{split}/{stem}.mp4"
 
-    samples, rejects = _collect(rows, src, classes, make)
-    return Corpus("kinetics_sound", ["visual", "audio"], classes, samples, rejects)
+    skipped: dict[str, int] = {}
+    samples, rejects = _collect(rows, src, classes, make, skipped)
+    return Corpus("kinetics_sound", ["visual", "audio"], classes, samples, rejects,
+                  skipped_labels=skipped, annotation_replaced=replaced)
 
 
 def ave(src: Path) -> Corpus:
@@ -161,12 +220,13 @@ def ave(src: Path) -> Corpus:
     (`Category&VideoID&Quality&StartTime&EndTime`); classes are the sorted categories of Annotations.txt."""
     _require_dir(src, "ave")
     fix = "the AVE release has Annotations.txt, trainSet.txt, valSet.txt, testSet.txt and the AVE/ video folder"
-    annotations = _read_ave_list(_require_file(src / "Annotations.txt", "Annotations.txt", fix))
+    replaced: dict[str, int] = {}
+    annotations = _read_ave_list(_require_file(src / "Annotations.txt", "Annotations.txt", fix), src, replaced)
     classes = sorted({row[0] for row in annotations})
     rows = []
-    for split in ("train", "val", "test"):
+    for split in SPLITS:
         path = _require_file(src / f"{split}Set.txt", f"{split}Set.txt", fix)
-        rows.extend((split, row) for row in _read_ave_list(path))
+        rows.extend((split, row) for row in _read_ave_list(path, src, replaced))
 
     def make(item):
         split, row = item
@@ -174,12 +234,12 @@ def ave(src: Path) -> Corpus:
         return sanitize_key(video_id), split, category, f"AVE/{video_id}.mp4"
 
     samples, rejects = _collect(rows, src, classes, make)
-    return Corpus("ave", ["visual", "audio"], classes, samples, rejects)
+    return Corpus("ave", ["visual", "audio"], classes, samples, rejects, annotation_replaced=replaced)
 
 
-def _read_ave_list(path: Path) -> list[list[str]]:
+def _read_ave_list(path: Path, src: Path, replaced: dict[str, int]) -> list[list[str]]:
     rows = []
-    for line in path.read_text(encoding="utf-8", errors="replace").splitlines():
+    for line in read_annotation(path, src, replaced).splitlines():
         fields = [f.strip() for f in line.split("&")]
         if len(fields) < 2 or fields[0] == "Category" or not fields[1]:
             continue  # header or blank line
@@ -192,25 +252,29 @@ def av_digits(src: Path) -> Corpus:
     `annotations/{split}.csv` (clip_id,label,...) and `classes.txt`."""
     _require_dir(src, "av_digits")
     fix = "make it with `pipeline make-demo av_digits --out DIR` and pass that DIR as --src"
-    classes = [c.strip() for c in _require_file(src / "classes.txt", "classes.txt", fix).read_text().splitlines() if c.strip()]
+    replaced: dict[str, int] = {}
+    classes_txt = _require_file(src / "classes.txt", "classes.txt", fix)
+    classes = [c.strip() for c in read_annotation(classes_txt, src, replaced).splitlines() if c.strip()]
     csvs = sorted((src / "annotations").glob("*.csv"))
     if not csvs:
         raise SourceError(f"no annotation CSVs in {src / 'annotations'}; {fix}")
     rows = []
     for path in csvs:
-        with open(path, newline="", encoding="utf-8") as f:
-            rows.extend(csv.DictReader(f))
+        rows.extend(read_csv_rows(path, src, ("clip_id", "label", "split"), "clip_id,label,split,...", replaced))
 
     def make(row):
+        clip_id, split = row["clip_id"] or "", (row["split"] or "").strip()
         try:
-            label_name = classes[int(row["label"])]
-        except (KeyError, ValueError, IndexError):
-            return Reject(sanitize_key(row.get("clip_id") or "row"), row.get("split", ""), "", "annotation",
-                          f"bad label in row {dict(row)}")
-        return sanitize_key(row["clip_id"]), row["split"], label_name, f"{row['split']}/{row['clip_id']}.mp4"
+            label = int(row["label"])
+        except (TypeError, ValueError):
+            label = -1
+        if not 0 <= label < len(classes):  # -1 ("unlabelled") would index the class list from the end
+            return Reject(sanitize_key(clip_id or "row"), "", "", "annotation",
+                          f"label {row['label']!r} is not a class index 0..{len(classes) - 1} (row {dict(row)})")
+        return sanitize_key(clip_id), split, classes[label], f"{split}/{clip_id}.mp4"
 
     samples, rejects = _collect(rows, src, classes, make)
-    return Corpus("av_digits", ["visual", "audio"], classes, samples, rejects)
+    return Corpus("av_digits", ["visual", "audio"], classes, samples, rejects, annotation_replaced=replaced)
 
 
 # ------------------------------------------------------------------------------------ vision-language
@@ -234,18 +298,28 @@ def mm_imdb(src: Path) -> Corpus:
     root = src / "mmimdb" if (src / "mmimdb" / "split.json").is_file() else src
     fix = "the MM-IMDB release has mmimdb/split.json and mmimdb/dataset/<id>.json + <id>.jpeg"
     split_path = _require_file(root / "split.json", "split.json", fix)
+    replaced_files: dict[str, int] = {}
     try:
-        splits = json.loads(split_path.read_text(encoding="utf-8"))
-    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+        splits = json.loads(read_annotation(split_path, src, replaced_files))
+    except json.JSONDecodeError as exc:
         raise SourceError(f"{split_path}: not valid JSON ({exc}); {fix}") from exc
     if not isinstance(splits, dict) or not set(splits) & set(MMIMDB_SPLITS):
         raise SourceError(f"{split_path}: expected an object with train/dev/test id lists; {fix}")
     prefix = "" if root == src else "mmimdb/"
     index = {g: i for i, g in enumerate(MMIMDB_GENRES)}
+    resolved_src = src.resolve()
     samples: dict[str, Sample] = {}
     rejects: list[Reject] = []
     for raw_split, ids in splits.items():
-        split = MMIMDB_SPLITS.get(raw_split, raw_split)
+        known = ", ".join(MMIMDB_SPLITS)
+        if raw_split not in MMIMDB_SPLITS:
+            rejects.append(Reject("", "", "split.json", "annotation",
+                                  f"unknown split {raw_split!r} in split.json ({len(ids) if isinstance(ids, list) else 0} "
+                                  f"ids left out); expected {known}"))
+            continue
+        if not isinstance(ids, list):
+            raise SourceError(f"{split_path}: {raw_split!r} must be a list of movie ids; {fix}")
+        split = MMIMDB_SPLITS[raw_split]
         for movie_id in ids:
             try:
                 key = sanitize_key(str(movie_id))
@@ -253,6 +327,10 @@ def mm_imdb(src: Path) -> Corpus:
                 rejects.append(Reject("", split, "", "annotation", f"unusable id {movie_id!r} in split.json: {exc}"))
                 continue
             rel_json = f"{prefix}dataset/{movie_id}.json"
+            outside = _outside_src(src, resolved_src, rel_json)
+            if outside:
+                rejects.append(Reject(key, split, rel_json, "annotation", outside))
+                continue
             path = src / rel_json
             if not path.is_file():
                 rejects.append(Reject(key, split, rel_json, "source", "movie json not found"))
@@ -273,6 +351,9 @@ def mm_imdb(src: Path) -> Corpus:
             plot_text = plot_text.strip() or None
             rel_poster = f"{prefix}dataset/{movie_id}.jpeg"
             poster = rel_poster if (src / rel_poster).is_file() else ""
+            if poster and _outside_src(src, resolved_src, rel_poster):
+                rejects.append(Reject(key, split, rel_poster, "annotation", _outside_src(src, resolved_src, rel_poster)))
+                continue
             if plot_text is None and not poster:
                 rejects.append(Reject(key, split, rel_json, "annotation", "neither poster nor plot"))
                 continue
@@ -282,7 +363,8 @@ def mm_imdb(src: Path) -> Corpus:
             samples[key] = Sample(key, split, -1, poster, kind="image_text", labels=labels, text=plot_text,
                                   text_replaced=replaced if plot_text else 0)
     ordered = sorted(samples.values(), key=lambda s: (s.split, s.key))
-    return Corpus("mm_imdb", ["visual", "text"], list(MMIMDB_GENRES), ordered, rejects, multilabel=True)
+    return Corpus("mm_imdb", ["visual", "text"], list(MMIMDB_GENRES), ordered, rejects, multilabel=True,
+                  annotation_replaced=replaced_files)
 
 
 FOOD101_VAL_FRACTION = 0.1

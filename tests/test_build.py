@@ -375,7 +375,7 @@ def test_rerun_after_sigkill_resumes_and_gives_identical_output(kinetics_sound_b
     monkeypatch.setattr(pipeline.build, "decode_clip", counting_decode)
     caplog.set_level(logging.INFO, logger="pipeline.build")
     assert main(["-q", *args]) == 0
-    assert f"in {n_shards} shards ({done} already built)" in caplog.text
+    assert f"in {n_shards} shards ({done} already built, 0 to rebuild" in caplog.text
     samples = sum(read_dataset_info(kinetics_sound_built.path).splits[s]["samples"] for s in ("train", "val"))
     rejected_in_decode = sum(r["stage"] != "source" and not r["kept"] for r in rejects(kinetics_sound_built))
     assert 0 < len(decoded) < samples + rejected_in_decode  # the finished shards were not decoded again
