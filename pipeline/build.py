@@ -40,6 +40,7 @@ from pipeline.decode import DecodeError, decode_clip
 from pipeline.encode import encode_audio, encode_frame, encode_image_file, encode_text, load_array_row
 from pipeline.text import load_tokenizer, prepare_tokenizer
 from shards.format import FORMAT_VERSION, DatasetInfo, ShardInfo, encode_npy, frame_member, jpeg_size
+from shards.scenarios import key_uniform
 from shards.writer import ShardWriter, atomic_write_bytes, write_shard
 
 log = logging.getLogger(__name__)
@@ -71,6 +72,7 @@ class BuildOptions:
     max_len: int = 128  # text: token ids per sample (truncated or zero-padded)
     vocab_size: int = 30000  # text: words in the default tokenizer's vocabulary (with [PAD] and [UNK])
     tokenizer: str = ""  # text: a local Hugging Face tokenizer directory instead of the default
+    order_seed: int = 0  # the seeded hash of the key that orders each split before it is cut into shards
 
     def check(self) -> None:
         if self.audio_codec not in ("wav", "flac"):
@@ -107,13 +109,16 @@ class ShardTask:
         return f"{self.split}/{self.index:06d}.tar"
 
 
-def plan_shards(samples: list[Sample], shard_size: int) -> list[ShardTask]:
-    """Per split, samples in key order cut into consecutive shards."""
+def plan_shards(samples: list[Sample], shard_size: int, seed: int = 0) -> list[ShardTask]:
+    """Per split, samples ordered by a seeded hash of the key, then cut into consecutive shards: every
+    shard mixes classes even when keys sort by class (Food-101's `train_<class>_<n>`), which a reader that
+    shuffles only inside a buffer (DALI) needs; still deterministic and independent of the worker count."""
     tasks = []
     for split in sorted({s.split for s in samples}):
         if split not in SPLITS:  # adapters reject these; a split name must never become a path
             raise SourceError(f"split {split!r} is not one of {', '.join(SPLITS)}")
-        members = sorted((s for s in samples if s.split == split), key=lambda s: s.key)
+        members = sorted((s for s in samples if s.split == split),
+                         key=lambda s: (key_uniform(s.key, seed, "shard-order"), s.key))
         for i in range(0, len(members), shard_size):
             tasks.append(ShardTask(split, i // shard_size, tuple(members[i:i + shard_size])))
     return tasks
@@ -409,7 +414,7 @@ def build_shards(dataset: str, src: Path, out_root: Path, opts: BuildOptions, wo
         except ValueError as exc:
             raise SourceError(str(exc)) from exc
     ctx = BuildContext(len(corpus.classes), corpus.multilabel, text_info.get("tokenizer", ""))
-    tasks = plan_shards(corpus.samples, opts.shard_size)
+    tasks = plan_shards(corpus.samples, opts.shard_size, opts.order_seed)
     for task in tasks:  # refuse before any work when a split folder is a link out of --out
         output_path(out, task.name), output_path(out, _part_rel(task))
     inputs = {t.name: task_inputs(t, src, ctx, text_info.get("sha256", "")) for t in tasks}

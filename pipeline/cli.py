@@ -40,6 +40,7 @@ def _cmd_build_shards(args: argparse.Namespace) -> int:
                         sample_rate=args.sample_rate, audio_codec=args.audio_codec, shard_size=args.shard_size,
                         n_mels=args.n_mels, n_fft=args.n_fft, win_length=args.win_length,
                         hop_length=args.hop_length, max_len=args.max_len, vocab_size=args.vocab_size,
+                        order_seed=args.order_seed,
                         tokenizer=str(Path(args.tokenizer).resolve()) if args.tokenizer else "")
     info = build_shards(args.dataset, src, Path(args.out), opts, workers=args.workers,
                         use_ray=args.ray is not None, ray_address=args.ray or None,
@@ -116,6 +117,8 @@ def build_parser() -> argparse.ArgumentParser:
                        help="text: vocabulary of the default tokenizer (most frequent train words + [PAD], [UNK])")
     build.add_argument("--tokenizer", default=None, metavar="DIR",
                        help="text: a local Hugging Face tokenizer directory (tokenizer.json) instead of the default")
+    build.add_argument("--order-seed", type=int, default=0,
+                       help="seed of the key hash that orders each split before it is cut into shards")
     build.add_argument("--workers", type=int, default=None, help="local worker processes (default: all cores)")
     build.add_argument("--ray", nargs="?", const="", default=None, metavar="ADDRESS",
                        help="run shard tasks on a Ray cluster (address, or empty for RAY_ADDRESS/local); "

@@ -31,6 +31,7 @@ from PIL import Image
 from tests.conftest import FIXTURE_BUILD_ARGS, BuiltDataset, RawCorpus
 from pipeline.cli import main
 from shards.format import NPY_HEADER_BYTES, read_dataset_info, read_index, sanitize_key
+from shards.scenarios import key_uniform
 
 SAFE_KEY = re.compile(r"[A-Za-z0-9_-]+")
 FRAMES = ["f0.jpg", "f1.jpg", "f2.jpg"]
@@ -83,10 +84,15 @@ def expected_members(row: dict) -> list[str]:
     return [f"{row['key']}.{ext}" for ext in exts]
 
 
+def tar_order(row: dict) -> tuple:
+    """Where a sample lies: its shard, then the seeded key hash that orders a split (default seed 0)."""
+    return row["shard"], key_uniform(row["key"], 0, "shard-order"), row["key"]
+
+
 def shard_rows(ds: BuiltDataset) -> dict[str, list[dict]]:
-    """Manifest rows per shard, in key order (the order inside the tar)."""
+    """Manifest rows per shard, in the order inside the tar."""
     out: dict[str, list[dict]] = {}
-    for row in sorted(manifest(ds), key=lambda r: (r["shard"], r["key"])):
+    for row in sorted(manifest(ds), key=tar_order):
         out.setdefault(row["shard"], []).append(row)
     return out
 
@@ -236,7 +242,7 @@ def test_webdataset_library_reads_every_sample_with_its_members(kinetics_sound_b
     import webdataset as wds
 
     info = read_dataset_info(kinetics_sound_built.path)
-    rows = sorted(manifest(kinetics_sound_built), key=lambda r: (r["shard"], r["key"]))
+    rows = sorted(manifest(kinetics_sound_built), key=tar_order)
     for split in info.splits:
         urls = [str(kinetics_sound_built.path / s.path) for s in info.shards_of(split)]
         want = [r for r in rows if r["split"] == split]
@@ -264,7 +270,7 @@ def test_dali_cpu_webdataset_reader_reads_whole_split_with_labels(fixture: str, 
 
     ds: BuiltDataset = request.getfixturevalue(fixture)
     info = read_dataset_info(ds.path)
-    rows = sorted(manifest(ds), key=lambda r: (r["shard"], r["key"]))
+    rows = sorted(manifest(ds), key=tar_order)
     batch_size = 2
     for split in info.splits:
         tars = [str(ds.path / s.path) for s in info.shards_of(split)]
@@ -581,3 +587,19 @@ def test_inspect_prints_counts_and_missing_audio_rate_per_split(kinetics_sound_b
         rate = sum(not r["has_audio"] for r in split_rows) / len(split_rows)
         assert fields[5] == f"{rate:.1%}"
     assert "playing drums" in out and "rejects by stage and reason" in out
+
+
+# ---------------------------------------------------------------------------------------- shard order
+
+def test_shards_mix_classes_when_keys_sort_by_class() -> None:
+    """Food-101 keys are `train_<class>_<n>`: in key order each shard would hold one or two classes."""
+    from pipeline.build import plan_shards
+    from pipeline.datasets import Sample
+
+    samples = [Sample(f"train_class{c:02d}_{n:03d}", "train", c, f"images/train/{c}/{n}.jpg")
+               for c in range(10) for n in range(64)]
+    tasks = plan_shards(samples, 32)
+    assert sorted(s.key for t in tasks for s in t.samples) == sorted(s.key for s in samples)
+    assert all(len({s.label for s in t.samples}) >= 8 for t in tasks)  # every shard holds most classes
+    assert plan_shards(list(reversed(samples)), 32) == tasks  # deterministic, whatever the input order
+    assert plan_shards(samples, 32, seed=1) != tasks

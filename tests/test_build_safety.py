@@ -19,7 +19,8 @@ from pathlib import Path
 import pyarrow.parquet as pq
 import pytest
 
-from pipeline.build import BuildOptions, build_shards
+from pipeline.build import BuildOptions, build_shards, plan_shards
+from pipeline.datasets import Sample, av_digits
 from pipeline.cli import main
 from shards.format import read_dataset_info
 from tests.media import ffmpeg_clip, mm_imdb_corpus
@@ -161,6 +162,11 @@ def test_mm_imdb_ids_and_split_keys_cannot_reach_outside_src(tmp_path: Path) -> 
 
 # ------------------------------------------------------------------------------ a rerun is never stale
 
+def plan(src: Path) -> dict[str, tuple[Sample, ...]]:
+    """Shard name -> its samples, as the build plans them (shard size 2)."""
+    return {t.name: t.samples for t in plan_shards(av_digits(src).samples, 2)}
+
+
 def test_rerun_after_editing_the_annotations_rebuilds_exactly_the_changed_shards(
         digits_raw: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     import pipeline.build
@@ -168,21 +174,26 @@ def test_rerun_after_editing_the_annotations_rebuilds_exactly_the_changed_shards
     src = fresh_copy(digits_raw, tmp_path)
     out = tmp_path / "out"
     build(src, out)
+    before_plan = plan(src)
     before = outputs(out / "av_digits")
     rows = read_rows(src)
     rows["train"][1]["label"] = "0"  # a label fixed (was 1)
-    del rows["test"][5]  # a clip removed: the last test shard shrinks
-    del rows["test"][4]  # ... and disappears
-    ffmpeg_clip(src / "train" / "train_100.mp4", seconds=1.0, size="64x48")  # a clip added at the end
+    del rows["test"][5]  # two clips removed: the test split needs one shard less
+    del rows["test"][4]
+    ffmpeg_clip(src / "train" / "train_100.mp4", seconds=1.0, size="64x48")  # a clip added
     rows["train"].append({"clip_id": "train_100", "label": "2", "split": "train"})
     write_annotations(src, rows)
+    after_plan = plan(src)
+    changed = {name for name, samples in after_plan.items() if before_plan.get(name) != samples}
+    assert 0 < len(changed) < len(after_plan)  # some shards are reused, some are not
+    removed = set(before_plan) - set(after_plan)
+    assert removed == {"test/000002.tar"}
 
     decoded: list[str] = []
     real = pipeline.build.decode_clip
     monkeypatch.setattr(pipeline.build, "decode_clip", lambda path, *a, **k: decoded.append(Path(path).stem) or real(path, *a, **k))
     build(src, out)
-    # train shards: 000000 holds train_000/001 (label fixed), 000003 is new; test/000002 is gone
-    assert sorted(decoded) == ["train_000", "train_001", "train_100"]
+    assert sorted(decoded) == sorted(s.key for name in changed for s in after_plan[name])
     fresh = tmp_path / "fresh"
     monkeypatch.setattr(pipeline.build, "decode_clip", real)
     build(src, fresh)
@@ -203,15 +214,16 @@ def test_rerun_after_replacing_a_clip_rebuilds_its_shard(digits_raw: Path, tmp_p
     ffmpeg_clip(src / "test" / "test_003.mp4", seconds=1.0, size="64x48", pattern="smptebars")
     build(src, out)
     after = outputs(out / "av_digits")
-    assert sorted(n for n in after if after[n] != before.get(n) and n.endswith(".tar")) == ["test/000001.tar"]
+    shard = next(name for name, samples in plan(src).items() if "test_003" in {s.key for s in samples})
+    assert sorted(n for n in after if after[n] != before.get(n) and n.endswith(".tar")) == [shard]
 
 
 def test_a_shard_whose_samples_all_fail_leaves_no_old_tar_behind(digits_raw: Path, tmp_path: Path) -> None:
     src = fresh_copy(digits_raw, tmp_path)
     out = tmp_path / "out"
     build(src, out)
-    for clip in ("test_004", "test_005"):
-        (src / "test" / f"{clip}.mp4").write_bytes(b"not a video any more\n" * 50)
+    for sample in plan(src)["test/000002.tar"]:
+        (src / sample.source).write_bytes(b"not a video any more\n" * 50)
     build(src, out)
     ds = out / "av_digits"
     assert not (ds / "test" / "000002.tar").exists() and not (ds / "test" / "000002.idx").exists()
