@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import ctypes
 import hashlib
-import io
 import json
 import logging
 import multiprocessing
@@ -27,19 +26,17 @@ import time
 from collections import Counter
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from statistics import median
 from typing import Iterator
 
-import numpy as np
-import pyarrow as pa
 import pyarrow.parquet as pq
 from tqdm import tqdm
 
-from pipeline.datasets import ADAPTERS, SPLITS, Corpus, Reject, Sample, SourceError
-from pipeline.decode import DecodeError, decode_clip
-from pipeline.encode import encode_audio, encode_frame, encode_image_file, encode_text, load_array_row
-from pipeline.text import load_tokenizer, prepare_tokenizer
-from shards.format import FORMAT_VERSION, DatasetInfo, ShardInfo, encode_npy, frame_member, jpeg_size
+from pipeline.adapters import ADAPTERS, SPLITS, Corpus, Reject, Sample
+from pipeline.decode import DecodeError
+from pipeline.merge import merge_parts, reject_table, write_parquet
+from pipeline.options import BuildContext, BuildOptions, SourceError
+from pipeline.text import prepare_tokenizer
+from shards.format import FORMAT_VERSION, DatasetInfo
 from shards.scenarios import key_uniform
 from shards.writer import ShardWriter, atomic_write_bytes, write_shard
 
@@ -52,50 +49,6 @@ TEMP_FILE = re.compile(r"\..+\.tmp-\d+")
 
 class BuildInterrupted(KeyboardInterrupt):
     """Ctrl-C during a build; the message says what was finished and that a rerun resumes."""
-
-
-@dataclass(frozen=True)
-class BuildOptions:
-    """Everything that changes the bytes of the output; recorded in dataset.json."""
-
-    frames: int = 3
-    fps: float = 1.0
-    size: int = 256  # short side of stored frames (never upscaled)
-    jpeg_quality: int = 90
-    sample_rate: int = 16000
-    audio_codec: str = "wav"
-    shard_size: int = 256
-    n_mels: int = 128  # log-mel parameters the loaders use, recorded for them
-    n_fft: int = 512
-    win_length: int = 400
-    hop_length: int = 160
-    max_len: int = 128  # text: token ids per sample (truncated or zero-padded)
-    vocab_size: int = 30000  # text: words in the default tokenizer's vocabulary (with [PAD] and [UNK])
-    tokenizer: str = ""  # text: a local Hugging Face tokenizer directory instead of the default
-    order_seed: int = 0  # the seeded hash of the key that orders each split before it is cut into shards
-
-    def check(self) -> None:
-        if self.audio_codec not in ("wav", "flac"):
-            raise SourceError(f"--audio-codec {self.audio_codec!r}: use wav or flac")
-        for name in ("frames", "size", "sample_rate", "shard_size", "n_mels", "n_fft", "hop_length", "max_len"):
-            if getattr(self, name) <= 0:
-                raise SourceError(f"--{name.replace('_', '-')} must be positive, got {getattr(self, name)}")
-        if self.fps <= 0:
-            raise SourceError(f"--fps must be positive, got {self.fps}")
-        if self.vocab_size < 3:
-            raise SourceError(f"--vocab-size must be at least 3 ([PAD], [UNK] and a word), got {self.vocab_size}")
-        if self.tokenizer and not (Path(self.tokenizer) / "tokenizer.json").is_file():
-            raise SourceError(f"--tokenizer {self.tokenizer}: no tokenizer.json there; pass a local Hugging Face "
-                              f"tokenizer directory")
-
-
-@dataclass(frozen=True)
-class BuildContext:
-    """What shard tasks need beyond the options: label shape and the dataset's tokenizer."""
-
-    num_classes: int
-    multilabel: bool
-    tokenizer: str = ""  # the `text.tokenizer` of dataset.json; "" when the dataset has no text
 
 
 @dataclass(frozen=True)
@@ -124,93 +77,7 @@ def plan_shards(samples: list[Sample], shard_size: int, seed: int = 0) -> list[S
     return tasks
 
 
-def label_members(sample: Sample, ctx: BuildContext) -> dict[str, bytes]:
-    """`.cls` (index, or comma-separated indices) and `.label.npy` (int64 [1], or float32 multi-hot [C])."""
-    if ctx.multilabel:
-        hot = np.zeros(ctx.num_classes, dtype=np.float32)
-        hot[list(sample.labels)] = 1.0
-        return {"cls": ",".join(map(str, sample.labels)).encode(), "label.npy": encode_npy(hot)}
-    return {"cls": str(sample.label).encode(), "label.npy": encode_npy(np.array([sample.label], dtype=np.int64))}
-
-
-def encode_sample(sample: Sample, src: Path, opts: BuildOptions, ctx: BuildContext | None = None,
-                  out: Path | None = None) -> tuple[dict[str, bytes], dict, list[Reject]]:
-    """Decode one sample and encode its members; returns (members, manifest row, kept-sample rejects)."""
-    ctx = ctx or BuildContext(0, False)
-    if sample.kind == "image_text":
-        return _encode_image_text(sample, src, opts, ctx, out)
-    if sample.kind == "arrays":
-        return _encode_arrays(sample, src, opts, ctx)
-    clip = decode_clip(src / sample.source, opts.frames, opts.fps, opts.sample_rate)
-    has_audio = clip.audio is not None
-    frames = {frame_member(i): encode_frame(frame, opts.size, opts.jpeg_quality) for i, frame in enumerate(clip.frames)}
-    meta = {"key": sample.key, "split": sample.split, "label": sample.label, "source": sample.source,
-            "duration": round(clip.duration, 3), "has_visual": True, "has_audio": has_audio,
-            "frame_times": [round(t, 3) for t in clip.frame_times], "frame_size": _frame_size(frames)}
-    members: dict[str, bytes] = {"json": json.dumps(meta, sort_keys=True).encode(), **label_members(sample, ctx),
-                                 **frames}
-    if has_audio:
-        members[opts.audio_codec] = encode_audio(clip.audio, opts.sample_rate, opts.audio_codec)
-    row = dict(meta, audio_seconds=round(len(clip.audio) / opts.sample_rate, 3) if has_audio else 0.0)
-    partial = []
-    if clip.audio_note:
-        partial.append(Reject(sample.key, sample.split, sample.source, "audio", clip.audio_note, kept=True))
-    return members, row, partial
-
-
-def _frame_size(frames: dict[str, bytes]) -> list[int]:
-    """[height, width] of a sample's stored frames (all share it), [0, 0] without frames; the loaders and
-    `verify` check every decoded frame against it."""
-    sizes = {jpeg_size(data) for data in frames.values()}
-    if len(sizes) > 1:
-        raise DecodeError("encode", f"frames of one sample have different sizes {sorted(sizes)}")
-    return list(sizes.pop()) if sizes else [0, 0]
-
-
-def _encode_image_text(sample: Sample, src: Path, opts: BuildOptions, ctx: BuildContext,
-                       out: Path | None) -> tuple[dict[str, bytes], dict, list[Reject]]:
-    """mm_imdb / food101: the image as one JPEG frame (`f0.jpg`), the text as ids + zstd raw text."""
-    frames = {frame_member(0): encode_image_file(src / sample.source, opts.size, opts.jpeg_quality)} if sample.source else {}
-    meta = {"key": sample.key, "split": sample.split, "label": sample.label, "labels": list(sample.labels),
-            "source": sample.source, "duration": 0.0, "has_visual": bool(sample.source),
-            "has_audio": False, "has_text": sample.text is not None, "frame_size": _frame_size(frames)}
-    members: dict[str, bytes] = {"json": json.dumps(meta, sort_keys=True).encode(), **label_members(sample, ctx),
-                                 **frames}
-    if sample.text is not None:
-        tokenizer = load_tokenizer(str(out), ctx.tokenizer, opts.max_len)
-        members["text.npy"], members["text.txt.zst"] = encode_text(sample.text, tokenizer)
-    partial = []
-    if sample.text_replaced:
-        partial.append(Reject(sample.key, sample.split, sample.source, "text",
-                              f"{sample.text_replaced} invalid UTF-8 sequence(s) replaced by U+FFFD", kept=True))
-    return members, dict(meta, audio_seconds=0.0, text_replaced=sample.text_replaced), partial
-
-
-def _encode_arrays(sample: Sample, src: Path, opts: BuildOptions,
-                   ctx: BuildContext) -> tuple[dict[str, bytes], dict, list[Reject]]:
-    """av_mnist: the digit image as an RGB JPEG frame, the spectrogram as float32 `spec.npy`."""
-    image = load_array_row(src / sample.source, sample.row)
-    if image.size == 784:
-        image = image.reshape(28, 28)
-    if image.ndim != 2:
-        raise DecodeError("image", f"row {sample.row} of {sample.source} has shape {image.shape}, not 28x28 or 784")
-    if image.dtype.kind == "f" and float(image.max(initial=0.0)) <= 1.0:
-        image = image * 255.0
-    gray = np.clip(np.rint(image), 0, 255).astype(np.uint8)
-    spec = np.asarray(load_array_row(src / sample.audio_source, sample.row), dtype=np.float32)
-    if not np.isfinite(spec).all():
-        raise DecodeError("audio", f"row {sample.row} of {sample.audio_source} holds NaN or infinite values")
-    frames = {frame_member(0): encode_frame(np.repeat(gray[:, :, None], 3, axis=2), opts.size, opts.jpeg_quality)}
-    meta = {"key": sample.key, "split": sample.split, "label": sample.label, "labels": [sample.label],
-            "source": f"{sample.source}#{sample.row}", "duration": 0.0, "has_visual": True, "has_audio": True,
-            "has_text": False, "frame_size": _frame_size(frames)}
-    members: dict[str, bytes] = {"json": json.dumps(meta, sort_keys=True).encode(), **label_members(sample, ctx),
-                                 **frames}
-    members["spec.npy"] = encode_npy(spec)
-    return members, dict(meta, audio_seconds=0.0, text_replaced=0), []
-
-
-def run_shard_task(task: ShardTask, src: str, out: str, opts: BuildOptions, ctx: BuildContext | None = None,
+def run_shard_task(task: ShardTask, src: str, out: str, opts: BuildOptions, ctx: BuildContext,
                    inputs: str = "") -> dict:
     """Build one shard (tar + idx + part file). Runs in a worker process or as a Ray task. `inputs` is the
     digest of what the shard is built from (`task_inputs`), recorded in the part file."""
@@ -219,7 +86,7 @@ def run_shard_task(task: ShardTask, src: str, out: str, opts: BuildOptions, ctx:
     rows, rejects = [], []
     for sample in task.samples:
         try:
-            members, row, partial = encode_sample(sample, src_path, opts, ctx, out_path)
+            members, row, partial = ctx.encode(sample, src_path, opts, ctx, out_path)
         except DecodeError as exc:  # reasons name the source relative to --src, so rejects do not depend on it
             reason = exc.reason.replace(str(src_path / sample.source), sample.source)
             rejects.append(asdict(Reject(sample.key, sample.split, sample.source, exc.stage, reason)))
@@ -268,7 +135,8 @@ def task_inputs(task: ShardTask, src: Path, ctx: BuildContext, text_sha256: str 
     """Digest of everything a shard's bytes depend on besides the build options (checked by params.json):
     its samples (key, split, label(s), source, text), each source's size and mtime, the label shape and the
     tokenizer's vocabulary."""
-    h = hashlib.sha256(json.dumps([asdict(ctx), text_sha256]).encode())
+    encode = f"{ctx.encode.__module__}.{ctx.encode.__qualname__}" if ctx.encode else ""
+    h = hashlib.sha256(json.dumps([ctx.num_classes, ctx.multilabel, ctx.tokenizer, encode, text_sha256]).encode())
     for sample in task.samples:
         stats = [_source_stat(src, sample.source), _source_stat(src, sample.audio_source)]
         h.update(json.dumps([asdict(sample), stats], sort_keys=True).encode())
@@ -401,7 +269,7 @@ def build_shards(dataset: str, src: Path, out_root: Path, opts: BuildOptions, wo
     if not corpus.samples:
         out = prepare_out(out_root, dataset)
         rejects = [asdict(r) for r in corpus.rejects]
-        _write_parquet(out / "rejects.parquet", _reject_table(rejects))
+        write_parquet(out / "rejects.parquet", reject_table(rejects))
         raise SourceError(f"{src}: the {dataset} adapter found no usable samples ({len(rejects)} rejected, "
                           f"listed in {out / 'rejects.parquet'}){reject_summary(rejects, indent=chr(10) + '  ')}")
     out = prepare_out(out_root, dataset)
@@ -413,7 +281,7 @@ def build_shards(dataset: str, src: Path, out_root: Path, opts: BuildOptions, wo
                                           opts.max_len, opts.vocab_size, opts.tokenizer)
         except ValueError as exc:
             raise SourceError(str(exc)) from exc
-    ctx = BuildContext(len(corpus.classes), corpus.multilabel, text_info.get("tokenizer", ""))
+    ctx = BuildContext(len(corpus.classes), corpus.multilabel, text_info.get("tokenizer", ""), corpus.kind.encode)
     tasks = plan_shards(corpus.samples, opts.shard_size, opts.order_seed)
     for task in tasks:  # refuse before any work when a split folder is a link out of --out
         output_path(out, task.name), output_path(out, _part_rel(task))
@@ -446,7 +314,7 @@ def build_shards(dataset: str, src: Path, out_root: Path, opts: BuildOptions, wo
         runner.close()  # stops the worker pool at once on an error or Ctrl-C
         bar.close()
     elapsed = time.perf_counter() - started
-    info = _finish(out, dataset, corpus, tasks, parts, opts, src, text_info)
+    info = merge_parts(out, corpus, [(t.name, t.split) for t in tasks], parts, opts, src, text_info)
     n_new = sum(len(t.samples) for t in todo)
     n_rejected = sum(info.splits[s]["rejected"] for s in info.splits)
     log.info("built %d clips in %.1f s (%.1f clips/s); %d samples, %d rejects -> %s",
@@ -490,128 +358,3 @@ def _log_adapter_notes(corpus: Corpus) -> None:
                  len(corpus.skipped_labels), common, ", ..." if len(corpus.skipped_labels) > 5 else "")
     for name, n in sorted(corpus.annotation_replaced.items()):
         log.warning("%s: %d invalid UTF-8 sequence(s) replaced by U+FFFD", name, n)
-
-
-def _reject_table(rejects: list[dict]) -> pa.Table:
-    return pa.table({
-        "key": pa.array([r["key"] for r in rejects], pa.string()),
-        "split": pa.array([r["split"] for r in rejects], pa.string()),
-        "source": pa.array([r["source"] for r in rejects], pa.string()),
-        "stage": pa.array([r["stage"] for r in rejects], pa.string()),
-        "reason": pa.array([r["reason"] for r in rejects], pa.string()),
-        "kept": pa.array([r["kept"] for r in rejects], pa.bool_()),
-    })
-
-
-def _finish(out: Path, dataset: str, corpus: Corpus, tasks: list[ShardTask], parts: dict[str, dict],
-            opts: BuildOptions, src: Path, text_info: dict) -> DatasetInfo:
-    """Merge the part files into manifest.parquet, rejects.parquet and dataset.json (atomically)."""
-    rows = sorted((r for t in tasks for r in parts[t.name]["rows"]), key=lambda r: (r["split"], r["key"]))
-    rejects = [asdict(r) for r in corpus.rejects] + [r for t in tasks for r in parts[t.name]["rejects"]]
-    rejects.sort(key=lambda r: (r["split"], r["key"], r["stage"]))
-    manifest = pa.table({
-        "key": [r["key"] for r in rows],
-        "split": [r["split"] for r in rows],
-        "shard": [r["shard"] for r in rows],
-        "label": pa.array([r["label"] for r in rows], pa.int64()),
-        "labels": pa.array([r.get("labels", [r["label"]]) for r in rows], pa.list_(pa.int64())),
-        "label_name": [_label_name(corpus, r) for r in rows],
-        "has_visual": [r["has_visual"] for r in rows],
-        "has_audio": [r["has_audio"] for r in rows],
-        "has_text": [r.get("has_text", False) for r in rows],
-        "duration": pa.array([r["duration"] for r in rows], pa.float64()),
-        "audio_seconds": pa.array([r["audio_seconds"] for r in rows], pa.float64()),
-        "text_replaced": pa.array([r.get("text_replaced", 0) for r in rows], pa.int64()),
-        "frame_height": pa.array([r.get("frame_size", [0, 0])[0] for r in rows], pa.int64()),
-        "frame_width": pa.array([r.get("frame_size", [0, 0])[1] for r in rows], pa.int64()),
-        "source": [r["source"] for r in rows],
-    })
-    _write_parquet(out / "manifest.parquet", manifest)
-    _write_parquet(out / "rejects.parquet", _reject_table(rejects))
-    splits = {}
-    for split in sorted({t.split for t in tasks}):
-        split_rows = [r for r in rows if r["split"] == split]
-        splits[split] = {
-            "samples": len(split_rows),
-            "rejected": sum(1 for r in rejects if r["split"] == split and not r["kept"]),
-            "has_visual": sum(r["has_visual"] for r in split_rows),
-            "has_audio": sum(r["has_audio"] for r in split_rows),
-        }
-        if "text" in corpus.modalities:
-            splits[split]["has_text"] = sum(r.get("has_text", False) for r in split_rows)
-    shards = [ShardInfo(t.name, t.split, parts[t.name]["samples"], parts[t.name]["sha256"], parts[t.name]["bytes"])
-              for t in tasks if parts[t.name]["samples"]]
-    build = {"src": src.name, "options": asdict(opts), "adapter_rejects": len(corpus.rejects)}
-    if corpus.skipped_labels:
-        build["skipped_labels"] = dict(sorted(corpus.skipped_labels.items()))
-    if corpus.annotation_replaced:
-        build["annotation_replaced"] = dict(sorted(corpus.annotation_replaced.items()))
-    counts = Counter(i for r in rows for i in (r.get("labels") or [r["label"]]))
-    empty = [name for i, name in enumerate(corpus.classes) if not counts[i]]
-    if empty:
-        build["empty_classes"] = empty
-    if "text" in corpus.modalities:
-        replaced = [r.get("text_replaced", 0) for r in rows]
-        build["text_replaced"] = {"samples": sum(n > 0 for n in replaced), "sequences": sum(replaced)}
-    info = DatasetInfo(
-        dataset=dataset, modalities=corpus.modalities, classes=corpus.classes, multilabel=corpus.multilabel,
-        visual=_visual_info(corpus, opts), audio=_audio_info(corpus, opts, rows, out, tasks, parts),
-        text=text_info, splits=splits, shards=shards, build=build,
-    )
-    atomic_write_bytes(out / "dataset.json", info.to_json().encode())
-    return info
-
-
-def _label_name(corpus: Corpus, row: dict) -> str:
-    if corpus.multilabel:
-        return "|".join(corpus.classes[i] for i in row["labels"])
-    return corpus.classes[row["label"]]
-
-
-def _visual_info(corpus: Corpus, opts: BuildOptions) -> dict:
-    """Frame parameters: clips (T frames at fps), one image (T = 1), or the 28x28 AV-MNIST digit."""
-    imagenet = {"mean": [0.485, 0.456, 0.406], "std": [0.229, 0.224, 0.225]}
-    if corpus.name == "av_mnist":
-        side = min(28, opts.size)
-        return {"frames": 1, "short_side": side, "format": "jpeg", "jpeg_quality": opts.jpeg_quality,
-                "crop": side, "source": "array", "mean": [0.1307] * 3, "std": [0.3081] * 3}
-    if "audio" not in corpus.modalities:  # vision-language: one image per sample
-        return {"frames": 1, "short_side": opts.size, "format": "jpeg", "jpeg_quality": opts.jpeg_quality,
-                "crop": min(224, opts.size), "source": "image", **imagenet}
-    return {"frames": opts.frames, "fps": opts.fps, "short_side": opts.size, "format": "jpeg",
-            "jpeg_quality": opts.jpeg_quality, "crop": min(224, opts.size), **imagenet}
-
-
-def _audio_info(corpus: Corpus, opts: BuildOptions, rows: list[dict], out: Path, tasks: list[ShardTask],
-                parts: dict[str, dict]) -> dict:
-    """Waveform parameters (and the log-mel the loaders compute), or the shape of a stored spectrogram."""
-    if "audio" not in corpus.modalities:
-        return {}
-    if corpus.name == "av_mnist":
-        return {"kind": "spectrogram_array", "member": "spec.npy", "dtype": "float32",
-                "shape": _first_spectrogram_shape(out, tasks, parts), "scale": 1.0 / 255.0}
-    seconds = [r["audio_seconds"] for r in rows if r["has_audio"]]
-    return {"kind": "waveform", "sample_rate": opts.sample_rate, "codec": opts.audio_codec, "channels": 1,
-            "seconds": round(median(seconds), 1) if seconds else 0.0, "n_mels": opts.n_mels,
-            "n_fft": opts.n_fft, "win_length": opts.win_length, "hop_length": opts.hop_length,
-            "db_cutoff": 80.0}
-
-
-def _first_spectrogram_shape(out: Path, tasks: list[ShardTask], parts: dict[str, dict]) -> list[int]:
-    """[H, W] of the stored spectrograms, read from the first one (the loaders reshape to it)."""
-    from shards.format import read_index
-
-    for t in tasks:
-        if parts[t.name]["samples"]:
-            _, members = read_index((out / t.name).with_suffix(".idx"))[0]
-            offset, size = members["spec.npy"]
-            with open(out / t.name, "rb") as f:
-                f.seek(offset)
-                return list(np.load(io.BytesIO(f.read(size)), allow_pickle=False).shape)
-    return []
-
-
-def _write_parquet(path: Path, table: pa.Table) -> None:
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    pq.write_table(table, tmp, compression="zstd")
-    os.replace(tmp, path)

@@ -6,7 +6,7 @@ import logging
 import sys
 from pathlib import Path
 
-from pipeline.datasets import ADAPTERS, SourceError
+from pipeline.adapters import ADAPTERS, SourceError
 from shards.format import FormatError
 
 log = logging.getLogger("pipeline")

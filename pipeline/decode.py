@@ -1,11 +1,12 @@
 """Decode one raw clip: frames with decord, audio with PyAV, both checked against the container.
 
 PyAV opens the container first because it fails cleanly on corrupt or non-video files; decord then
-seeks the chosen frames; the audio is resampled to the target rate and length-checked, since a
+seeks the chosen frames, picked by their presentation timestamps (not index x average fps, which is wrong
+on a variable-frame-rate clip); the audio is resampled to the target rate and length-checked, since a
 truncated stream otherwise comes back silently short."""
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import av
@@ -33,6 +34,7 @@ class Clip:
     audio: np.ndarray | None  # int16 [n] mono at the target rate, None when absent or unusable
     duration: float  # seconds, from the container
     audio_note: str | None = None  # why audio is missing although the container had a stream
+    frame_times: list[float] = field(default_factory=list)  # presentation time (s) of each returned frame
 
 
 def frame_times(duration: float, n_frames: int, fps: float) -> list[float]:
@@ -76,15 +78,18 @@ def _stream_seconds(stream: av.stream.Stream) -> float | None:
     return float(stream.duration * stream.time_base)
 
 
-def decode_frames(path: Path, duration: float, n_frames: int, fps: float) -> list[np.ndarray]:
-    """Seek and decode the frames at `frame_times` with decord (one thread: workers are processes)."""
+def decode_frames(path: Path, duration: float, n_frames: int,
+                  fps: float) -> tuple[list[np.ndarray], list[float]]:
+    """(frames, their presentation times in s): for each time of `frame_times`, the frame on screen
+    then, found by the frames' timestamps, so a variable-frame-rate clip gives the frames at the times
+    claimed (decord, one thread: workers are processes)."""
     try:
         reader = decord.VideoReader(str(path), ctx=decord.cpu(0), num_threads=1)
         total = len(reader)
         if total == 0:
             raise DecodeError("frames", "video stream has no frames")
-        rate = reader.get_avg_fps() or total / duration
-        indices = [min(total - 1, max(0, int(t * rate))) for t in frame_times(duration, n_frames, fps)]
+        spans = np.asarray(reader.get_frame_timestamp(np.arange(total)), dtype=np.float32).reshape(total, 2)
+        indices = [frame_at(spans, t) for t in frame_times(duration, n_frames, fps)]
         batch = reader.get_batch(indices).asnumpy()
     except DecodeError:
         raise
@@ -92,7 +97,18 @@ def decode_frames(path: Path, duration: float, n_frames: int, fps: float) -> lis
         raise DecodeError("frames", f"decord could not decode frames ({type(exc).__name__}: {exc})") from exc
     if batch.ndim != 4 or batch.shape[-1] != 3:
         raise DecodeError("frames", f"unexpected frame array shape {batch.shape}")
-    return [np.ascontiguousarray(f) for f in batch]
+    return [np.ascontiguousarray(f) for f in batch], [float(spans[i, 0]) for i in indices]
+
+
+def frame_at(spans: np.ndarray, t: float) -> int:
+    """Index of the frame displayed at time `t`: the one whose [start, end) interval holds it, else (in a
+    gap, or before the first or past the last frame) the one starting nearest to it. decord's timestamps
+    are float32, so `t` is compared at that precision (a time on a frame boundary picks the later frame)."""
+    t = np.float32(t)
+    shown = np.flatnonzero((spans[:, 0] <= t) & (t < spans[:, 1]))
+    if len(shown):
+        return int(shown[-1])
+    return int(np.argmin(np.abs(spans[:, 0] - t)))
 
 
 def decode_audio(path: Path, sample_rate: int) -> np.ndarray:
@@ -120,17 +136,17 @@ def decode_clip(path: Path, n_frames: int, fps: float, sample_rate: int) -> Clip
     if not path.is_file():
         raise DecodeError("source", f"file not found: {path}")
     duration, _, audio_duration = probe(path)
-    frames = decode_frames(path, duration, n_frames, fps)
+    frames, times = decode_frames(path, duration, n_frames, fps)
     if audio_duration is None:
-        return Clip(frames, None, duration)
+        return Clip(frames, None, duration, frame_times=times)
     try:
         audio = decode_audio(path, sample_rate)
     except DecodeError as exc:
-        return Clip(frames, None, duration, exc.reason)
+        return Clip(frames, None, duration, exc.reason, times)
     got = len(audio) / sample_rate
     expected = max(audio_duration, duration)
     if got < MIN_AUDIO_FRACTION * expected or got == 0:
         note = (f"audio truncated: decoded {got:.2f} s of {expected:.2f} s declared "
                 f"(below {MIN_AUDIO_FRACTION:.0%}); treated as missing")
-        return Clip(frames, None, duration, note)
-    return Clip(frames, audio, duration)
+        return Clip(frames, None, duration, note, times)
+    return Clip(frames, audio, duration, frame_times=times)

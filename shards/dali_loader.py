@@ -19,14 +19,15 @@ from nvidia.dali.backend import TensorListCPU
 
 from shards.features import DB_OFFSET, DB_SCALE, ModalityParams, modality_params
 from shards.format import DatasetInfo, NPY_HEADER_BYTES, frame_member
-from shards.samples import SampleRef, shard_range, training_steps
+from shards.samples import FrameSizeError, SampleRef, shard_range, training_steps
 from shards.scenarios import DropSpec
 
 READER = "reader"
 
 
 class DecodeFailure(RuntimeError):
-    """A shard member that no longer decodes; names the shard file and the sample key."""
+    """A shard member that no longer decodes, or decodes to another frame size than the build recorded;
+    names the shard file, the sample key and the member."""
 
 
 @pipeline_def(enable_conditionals=True)
@@ -36,7 +37,8 @@ def multimodal_pipeline(tars: list[str], idxs: list[str], modalities: list[str],
                         min_crop_area: float, flip: bool):
     """Per sample, in this order, each output only for a modality of the dataset: frames [T, 3, H, W];
     audio [1, n_mels, n_frames] (log-mel of the waveform) or [1, H, W] (stored spectrogram); token ids [L];
-    then the label payload and the present flags."""
+    then the label payload and the present flags; last, for a dataset with frames, the decoded frames'
+    shapes [T, 3] (H, W, C; zeros when not decoded), checked against the recorded sizes after each run."""
     visual, audio, spec, text = params.visual, params.audio, params.spectrogram, params.text
     exts, dtypes = [], []
     if visual is not None:
@@ -74,6 +76,7 @@ def multimodal_pipeline(tars: list[str], idxs: list[str], modalities: list[str],
     if visual is not None:
         if use_visual:
             decoded = [fn.decoders.image(j, device="mixed" if gpu else "cpu", output_type=types.RGB) for j in jpegs]
+            frame_shapes = fn.stack(*[d.shape() for d in decoded])  # on the CPU, also for nvJPEG output
             clip = fn.stack(*decoded, axis_name="F")
             if train:
                 clip = fn.random_resized_crop(clip, size=[visual.crop, visual.crop],
@@ -89,6 +92,7 @@ def multimodal_pipeline(tars: list[str], idxs: list[str], modalities: list[str],
             frames = fn.constant(fdata=0.0, shape=[visual.frames, 3, visual.crop, visual.crop], dtype=types.FLOAT,
                                  layout="FCHW")  # the then-branch layout: conditionals merge only equal layouts
             frames = frames.gpu() if gpu else frames
+            frame_shapes = fn.constant(idata=0, shape=[visual.frames, 3], dtype=types.INT64)
         outputs.append(frames)
 
     if audio is not None:
@@ -124,7 +128,7 @@ def multimodal_pipeline(tars: list[str], idxs: list[str], modalities: list[str],
 
     use = {"visual": use_visual, "audio": use_audio, "text": use_text}
     present = fn.stack(*[fn.cast(use[m], dtype=types.UINT8) for m in modalities])
-    return (*outputs, label, present)
+    return (*outputs, label, present, *([frame_shapes] if visual is not None else []))
 
 
 def _keep_flags(modalities: list[str], train: bool, augment: DropSpec | None, eval_keep: np.ndarray | None,
@@ -178,6 +182,7 @@ class DaliLoader:
         self.modalities = list(info.modalities)
         self._refs = refs
         self._range = shard_range(len(refs), shard_id, num_shards)
+        self._sized = {refs[i].key: refs[i] for i in self._range if refs[i].frame_size}  # recorded frame sizes
         self._params = modality_params(info, crop)
         self._multilabel = info.multilabel
         self._outputs = [m for m in ("visual", "audio", "text") if m in self.modalities]
@@ -245,10 +250,14 @@ class DaliLoader:
             start = self.batches_done * self.batch_size
             count = min(self.batch_size, n - start)
             try:
-                *tensors, label, present = self._pipe.run()
+                outs = list(self._pipe.run())
             except RuntimeError as exc:
                 raise DecodeFailure(self._locate_failure(exc)) from exc
+            frame_shapes = outs.pop() if "visual" in self._outputs else None
+            *tensors, label, present = outs
             keys = [_key_of(source) for source in _source_infos(label)]
+            if frame_shapes is not None and self._sized:
+                self._check_frame_sizes(frame_shapes, keys[:count])
             if not self.train:
                 expected = [self._refs[self._range[start + i]].key for i in range(count)]
                 if keys[:count] != expected:
@@ -275,8 +284,22 @@ class DaliLoader:
         })
         return {m: batch[m] for m in ("visual", "audio", "text", "present", "label", "key") if m in batch}
 
+    def _check_frame_sizes(self, shapes, keys: list[str]) -> None:
+        """Raise DecodeFailure naming the first frame of the batch whose decoded (height, width) is not the one
+        recorded for its sample (frames not decoded have shape zeros and are not checked)."""
+        got = (shapes.as_cpu() if not isinstance(shapes, TensorListCPU) else shapes).as_array()[:len(keys), :, :2]
+        recorded = np.array([self._sized[k].frame_size if k in self._sized else (0, 0) for k in keys], np.int64)
+        bad = (got != recorded[:, None]).any(axis=2) & (got[:, :, 0] > 0) & (recorded[:, None, 0] > 0)
+        if bad.any():
+            i, t = np.argwhere(bad)[0]
+            ref = self._sized[keys[i]]
+            raise DecodeFailure(f"shard {ref.tar}: sample {ref.key} "
+                                f"{FrameSizeError(frame_member(t), tuple(got[i, t].tolist()), ref.frame_size)}; "
+                                f"run `pipeline verify` and rebuild that shard")
+
     def _locate_failure(self, exc: Exception) -> str:
-        """Name the shard and key of a member that does not decode (DALI stops the whole pipeline)."""
+        """Name the shard, key and member that does not decode, or decodes to another frame size than recorded
+        (DALI stops the whole pipeline, e.g. when one sample's frames cannot be stacked)."""
         from shards.verify import _decode_member
 
         for i in self._range:
@@ -286,9 +309,12 @@ class DaliLoader:
                     f.seek(offset)
                     data = f.read(size)
                     try:
-                        _decode_member(ext, data)
+                        got = _decode_member(ext, data)
                     except Exception as err:  # the first member that fails is the culprit
                         return (f"shard {ref.tar}: sample {ref.key} member .{ext} does not decode ({err}); "
+                                f"run `pipeline verify` and rebuild that shard")
+                    if got is not None and ref.frame_size is not None and got != ref.frame_size:
+                        return (f"shard {ref.tar}: sample {ref.key} {FrameSizeError(ext, got, ref.frame_size)}; "
                                 f"run `pipeline verify` and rebuild that shard")
         return f"DALI pipeline failed and no member fails to decode on its own: {str(exc).splitlines()[0]}"
 

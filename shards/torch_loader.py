@@ -3,7 +3,8 @@
 It reads members by the offsets in the `.idx` files (random access into the tars), decodes JPEG with
 Pillow and WAV/FLAC with the project's decoder, and computes the log-mel with `shards.features`, which
 reproduces DALI's operators; stored spectrograms and token ids are read as typed payloads. It is the fallback where DALI is absent and the baseline in benchmarks.
-Masks come from hashes of the keys, so a dropped modality is never decoded here either."""
+Masks come from hashes of the keys, so a dropped modality is never decoded here either. Every decoded
+frame is checked against the size the build recorded for its sample (`SampleRef.frame_size`)."""
 from __future__ import annotations
 
 import io
@@ -17,14 +18,14 @@ from torch.utils.data import DataLoader, Dataset, Sampler
 
 from shards.features import ModalityParams, VisualParams, log_mel, mel_filters, modality_params
 from shards.format import DatasetInfo, NPY_HEADER_BYTES, frame_member, npy_payload
-from shards.samples import SampleRef, shard_range, training_steps
+from shards.samples import FrameSizeError, SampleRef, shard_range, training_steps
 from shards.scenarios import DropSpec, augment_keep, key_uniform, resolve_present
 
 log = logging.getLogger(__name__)
 
 
 class SampleDecodeError(RuntimeError):
-    """A member that does not decode, with the shard and key."""
+    """A member that does not decode, or decodes to another frame size than recorded, with the shard and key."""
 
 
 def read_member(ref: SampleRef, ext: str) -> bytes:
@@ -35,9 +36,15 @@ def read_member(ref: SampleRef, ext: str) -> bytes:
 
 
 def decode_frames(jpegs: list[bytes], p: VisualParams, rng: np.random.Generator | None,
-                  min_crop_area: float = 0.35, flip: bool = True) -> np.ndarray:
-    """[T, 3, crop, crop] normalised float32; `rng` given means training crop (+ flip), shared by all frames."""
+                  min_crop_area: float = 0.35, flip: bool = True,
+                  recorded: tuple[int, int] | None = None) -> np.ndarray:
+    """[T, 3, crop, crop] normalised float32; `rng` given means training crop (+ flip), shared by all frames.
+    Raises FrameSizeError when a frame does not decode to the `recorded` (height, width)."""
     images = [Image.open(io.BytesIO(b)).convert("RGB") for b in jpegs]
+    if recorded is not None:
+        for t, image in enumerate(images):
+            if image.size != (recorded[1], recorded[0]):
+                raise FrameSizeError(frame_member(t), (image.height, image.width), recorded)
     w, h = images[0].size
     if rng is None:
         scale = p.crop / min(w, h)
@@ -122,7 +129,8 @@ class ShardSamples(Dataset):
         try:
             return self._decode(ref, dict(zip(self.modalities, present)))
         except Exception as exc:  # any decoder error: name where, then raise or skip
-            message = f"shard {ref.tar}: sample {ref.key} does not decode ({type(exc).__name__}: {exc})"
+            what = exc if isinstance(exc, FrameSizeError) else f"does not decode ({type(exc).__name__}: {exc})"
+            message = f"shard {ref.tar}: sample {ref.key} {what}"
             if self.on_error == "skip":
                 log.warning("skipping: %s", message)
                 return None
@@ -142,7 +150,7 @@ class ShardSamples(Dataset):
             if present["visual"]:
                 rng = np.random.default_rng(int(key_uniform(ref.key, self.seed, f"crop:{self.epoch}") * 2**63)) if self.train else None
                 item["visual"] = decode_frames([read_member(ref, frame_member(t)) for t in range(v.frames)], v, rng,
-                                               self.min_crop_area, self.flip)
+                                               self.min_crop_area, self.flip, ref.frame_size)
             else:
                 item["visual"] = np.zeros((v.frames, 3, v.crop, v.crop), np.float32)
         if "audio" in present and spec is not None:

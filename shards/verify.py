@@ -1,4 +1,7 @@
-"""`pipeline verify` and `pipeline inspect`: check a built dataset and summarise it."""
+"""`pipeline verify` and `pipeline inspect`: check a built dataset and summarise it.
+
+Verify checks checksums, indexes against the tars, the manifest's keys, that every member decodes, and
+that every frame decodes to the size recorded in the manifest (`frame_height`, `frame_width`)."""
 from __future__ import annotations
 
 import io
@@ -14,6 +17,7 @@ from PIL import Image
 from tqdm import tqdm
 
 from shards.format import FormatError, read_dataset_info, read_index
+from shards.samples import FrameSizeError, recorded_frame_sizes
 from shards.writer import sha256_file
 
 
@@ -32,13 +36,14 @@ def _tar_index(tar_path: Path) -> list[tuple[str, dict[str, tuple[int, int]]]]:
     return samples
 
 
-def _decode_member(ext: str, data: bytes) -> None:
-    """Raise if a member does not decode."""
+def _decode_member(ext: str, data: bytes) -> tuple[int, int] | None:
+    """Raise if a member does not decode; a JPEG's decoded (height, width), None for other members."""
     from pipeline.encode import decode_audio_member
 
     if ext.endswith("jpg"):
         with Image.open(io.BytesIO(data)) as image:
             image.load()
+            return image.height, image.width
     elif ext in ("wav", "flac"):
         if len(decode_audio_member(data)) == 0:
             raise ValueError("audio member holds no samples")
@@ -61,7 +66,8 @@ def _decode_member(ext: str, data: bytes) -> None:
 
 
 def verify_dataset(dataset_dir: Path, decode: bool = True, progress: bool = True) -> list[str]:
-    """All problems found, each naming the shard (and key); empty when the dataset is sound."""
+    """All problems found, each naming the shard (and key, member); empty when the dataset is sound. With
+    `decode`, every member is decoded and every frame's size checked against the one recorded in the manifest."""
     info = read_dataset_info(dataset_dir)
     problems: list[str] = []
     manifest_path = dataset_dir / "manifest.parquet"
@@ -71,6 +77,7 @@ def verify_dataset(dataset_dir: Path, decode: bool = True, progress: bool = True
     by_shard: dict[str, list[str]] = {}
     for row in manifest:
         by_shard.setdefault(row["shard"], []).append(row["key"])
+    frame_sizes = recorded_frame_sizes(dataset_dir) if decode else {}
     listed = {s.path for s in info.shards}
     for shard in sorted(set(by_shard) - listed):
         problems.append(f"{shard}: in manifest.parquet but not in dataset.json")
@@ -98,20 +105,25 @@ def verify_dataset(dataset_dir: Path, decode: bool = True, progress: bool = True
             extra = sorted(set(keys) ^ set(by_shard.get(shard.path, [])))[:3]
             problems.append(f"{shard.path}: keys differ from manifest.parquet (e.g. {extra})")
         if decode:
-            problems.extend(_decode_shard(tar_path, shard.path, actual))
+            problems.extend(_decode_shard(tar_path, shard.path, actual, frame_sizes))
     return problems
 
 
-def _decode_shard(tar_path: Path, name: str, index: list[tuple[str, dict[str, tuple[int, int]]]]) -> list[str]:
+def _decode_shard(tar_path: Path, name: str, index: list[tuple[str, dict[str, tuple[int, int]]]],
+                  frame_sizes: dict[tuple[str, str], tuple[int, int]]) -> list[str]:
     problems = []
     with open(tar_path, "rb") as f:
         blob = f.read()
     for key, members in index:
+        recorded = frame_sizes.get((name, key))
         for ext, (offset, size) in members.items():
             try:
-                _decode_member(ext, blob[offset:offset + size])
+                got = _decode_member(ext, blob[offset:offset + size])
             except Exception as exc:  # any decoder failure is a finding, never a crash of verify
                 problems.append(f"{name}: key {key} member .{ext} does not decode ({type(exc).__name__}: {exc})")
+                continue
+            if got is not None and recorded is not None and got != recorded:
+                problems.append(f"{name}: key {key} {FrameSizeError(ext, got, recorded)}")
     return problems
 
 

@@ -1,4 +1,5 @@
-"""Small raw corpora for tests, made with ffmpeg: good clips, no-audio, short-audio, truncated, garbage."""
+"""Small raw corpora for tests, made with ffmpeg: good clips, no-audio, short-audio, truncated, garbage,
+and a variable-frame-rate clip."""
 from __future__ import annotations
 
 import csv
@@ -22,6 +23,26 @@ def ffmpeg_clip(path: Path, seconds: float = 2.0, audio: bool = True, audio_seco
     cmd += ["-c:a", "aac", "-ac", "1"] if audio else []
     cmd += [str(path)]
     subprocess.run(cmd, check=True)
+    return path
+
+
+# A variable-frame-rate clip: VFR_SLOW_FPS for the first VFR_SWITCH s, then VFR_FAST_FPS; every frame shows
+# a white bar on black whose left edge is at x = VFR_BAR_SPEED * t px (t its presentation time).
+VFR_SECONDS, VFR_SWITCH, VFR_SLOW_FPS, VFR_FAST_FPS, VFR_BAR_SPEED, VFR_BAR_WIDTH = 5.0, 2.0, 5, 25, 50, 8
+
+
+def vfr_clip(path: Path) -> Path:
+    """An H.264 mp4 (no audio) whose frame rate changes mid-clip, timestamps kept as generated: frames
+    are dropped from a 25 fps source (`select`) and muxed with `-fps_mode vfr`, so nothing is re-timed."""
+    if shutil.which("ffmpeg") is None:
+        raise RuntimeError("ffmpeg is needed for the test media: apt-get install -y ffmpeg")
+    path.parent.mkdir(parents=True, exist_ok=True)
+    keep_every = VFR_FAST_FPS // VFR_SLOW_FPS
+    bar = f"if(between(X,{VFR_BAR_SPEED}*T,{VFR_BAR_SPEED}*T+{VFR_BAR_WIDTH - 1}),235,16)"
+    graph = (f"color=c=black:s=320x64:r={VFR_FAST_FPS}:d={VFR_SECONDS},format=gray,geq=lum='{bar}',"
+             f"select='gte(t,{VFR_SWITCH})+not(mod(n,{keep_every}))',format=yuv420p")
+    subprocess.run(["ffmpeg", "-v", "error", "-y", "-f", "lavfi", "-i", graph, "-fps_mode", "vfr",
+                    "-c:v", "libx264", "-preset", "ultrafast", "-threads", "1", str(path)], check=True)
     return path
 
 

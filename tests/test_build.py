@@ -333,7 +333,7 @@ def test_build_as_ray_tasks_is_byte_identical(kinetics_sound_built: BuiltDataset
 # however fast the machine is. The slowdown changes no output bytes.
 THROTTLED_CLI = """
 import sys, time
-import pipeline.build as build
+import pipeline.adapters.video as build
 decode = build.decode_clip
 def slow_decode(*args, **kwargs):
     time.sleep(float(sys.argv[1]))
@@ -347,7 +347,7 @@ sys.exit(main(sys.argv[2:]))
 def test_rerun_after_sigkill_resumes_and_gives_identical_output(kinetics_sound_built: BuiltDataset, tmp_path: Path,
                                                                monkeypatch: pytest.MonkeyPatch,
                                                                caplog: pytest.LogCaptureFixture) -> None:
-    import pipeline.build
+    import pipeline.adapters.video
 
     src = kinetics_sound_built.raw.root
     out = tmp_path / "out"
@@ -372,13 +372,13 @@ def test_rerun_after_sigkill_resumes_and_gives_identical_output(kinetics_sound_b
     assert not (out / "kinetics_sound" / "dataset.json").exists()
 
     decoded: list[str] = []
-    real_decode = pipeline.build.decode_clip
+    real_decode = pipeline.adapters.video.decode_clip
 
     def counting_decode(path, *a, **kw):
         decoded.append(Path(path).name)
         return real_decode(path, *a, **kw)
 
-    monkeypatch.setattr(pipeline.build, "decode_clip", counting_decode)
+    monkeypatch.setattr(pipeline.adapters.video, "decode_clip", counting_decode)
     caplog.set_level(logging.INFO, logger="pipeline.build")
     assert main(["-q", *args]) == 0
     assert f"in {n_shards} shards ({done} already built, 0 to rebuild" in caplog.text
@@ -594,7 +594,7 @@ def test_inspect_prints_counts_and_missing_audio_rate_per_split(kinetics_sound_b
 def test_shards_mix_classes_when_keys_sort_by_class() -> None:
     """Food-101 keys are `train_<class>_<n>`: in key order each shard would hold one or two classes."""
     from pipeline.build import plan_shards
-    from pipeline.datasets import Sample
+    from pipeline.adapters import Sample
 
     samples = [Sample(f"train_class{c:02d}_{n:03d}", "train", c, f"images/train/{c}/{n}.jpg")
                for c in range(10) for n in range(64)]

@@ -20,7 +20,8 @@ import pyarrow.parquet as pq
 import pytest
 
 from pipeline.build import BuildOptions, build_shards, plan_shards
-from pipeline.datasets import Sample, av_digits
+from pipeline.adapters import Sample
+from pipeline.adapters.video import av_digits
 from pipeline.cli import main
 from shards.format import read_dataset_info
 from tests.media import ffmpeg_clip, mm_imdb_corpus
@@ -169,7 +170,7 @@ def plan(src: Path) -> dict[str, tuple[Sample, ...]]:
 
 def test_rerun_after_editing_the_annotations_rebuilds_exactly_the_changed_shards(
         digits_raw: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    import pipeline.build
+    import pipeline.adapters.video
 
     src = fresh_copy(digits_raw, tmp_path)
     out = tmp_path / "out"
@@ -190,12 +191,12 @@ def test_rerun_after_editing_the_annotations_rebuilds_exactly_the_changed_shards
     assert removed == {"test/000002.tar"}
 
     decoded: list[str] = []
-    real = pipeline.build.decode_clip
-    monkeypatch.setattr(pipeline.build, "decode_clip", lambda path, *a, **k: decoded.append(Path(path).stem) or real(path, *a, **k))
+    real = pipeline.adapters.video.decode_clip
+    monkeypatch.setattr(pipeline.adapters.video, "decode_clip", lambda path, *a, **k: decoded.append(Path(path).stem) or real(path, *a, **k))
     build(src, out)
     assert sorted(decoded) == sorted(s.key for name in changed for s in after_plan[name])
     fresh = tmp_path / "fresh"
-    monkeypatch.setattr(pipeline.build, "decode_clip", real)
+    monkeypatch.setattr(pipeline.adapters.video, "decode_clip", real)
     build(src, fresh)
     got, want = outputs(out / "av_digits"), outputs(fresh / "av_digits")
     assert sorted(got) == sorted(want) and [n for n in got if got[n] != want[n]] == []
@@ -299,7 +300,7 @@ def test_a_build_with_no_usable_sample_writes_rejects_and_names_the_common_reaso
 
 SLOW_CLI = """
 import sys, time
-import pipeline.build as build
+import pipeline.adapters.video as build
 decode = build.decode_clip
 def slow_decode(*args, **kwargs):
     time.sleep(float(sys.argv[1]))

@@ -24,7 +24,7 @@ if str(ROOT) not in sys.path:  # `tests` has no __init__.py; make `tests.media` 
 
 from pipeline.build import BuildOptions, build_shards  # noqa: E402
 from pipeline.cli import main as pipeline_main  # noqa: E402
-from pipeline.datasets import MMIMDB_GENRES  # noqa: E402
+from pipeline.adapters import MMIMDB_GENRES  # noqa: E402
 from pipeline.text import decode_text, words  # noqa: E402
 from shards.format import read_dataset_info  # noqa: E402
 from shards.loader import dali_available, make_loader  # noqa: E402
@@ -362,4 +362,4 @@ def test_the_gpu_pipeline_graph_is_well_formed_for_text_and_spectrograms(name: s
     pipe = loader.make_pipeline()
     pipe._build_graph()
     devices = [out.device for out in pipe._graph_outputs]
-    assert devices == ["gpu", "cpu" if SECOND[name] == "text" else "gpu", "cpu", "cpu"]
+    assert devices == ["gpu", "cpu" if SECOND[name] == "text" else "gpu", "cpu", "cpu", "cpu"]
