@@ -26,7 +26,7 @@ import time
 from collections import Counter
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Iterator
+from typing import Any, Iterator
 
 import pyarrow.parquet as pq
 from tqdm import tqdm
@@ -258,12 +258,13 @@ def _check_params(out: Path, dataset: str, src: Path, opts: BuildOptions) -> Non
 
 def build_shards(dataset: str, src: Path, out_root: Path, opts: BuildOptions, workers: int | None = None,
                  ray_address: str | None = None, use_ray: bool = False, progress: bool = True,
-                 classes_file: Path | None = None) -> DatasetInfo:
-    """Build (or finish building) OUT/<dataset>; returns what dataset.json records."""
+                 adapter_options: dict[str, Any] | None = None) -> DatasetInfo:
+    """Build (or finish building) OUT/<dataset>; returns what dataset.json records. `adapter_options` are
+    keyword arguments of the dataset's adapter (e.g. kinetics_sound's `classes_file`, `split_lists`)."""
     if dataset not in ADAPTERS:
         raise SourceError(f"unknown dataset {dataset!r}; choose one of {', '.join(sorted(ADAPTERS))}")
     opts.check()
-    kwargs = {"classes_file": classes_file} if classes_file and dataset == "kinetics_sound" else {}
+    kwargs = {k: v for k, v in (adapter_options or {}).items() if v is not None}
     corpus: Corpus = ADAPTERS[dataset](src, **kwargs)
     _log_adapter_notes(corpus)
     if not corpus.samples:

@@ -2,11 +2,12 @@
 from __future__ import annotations
 
 import argparse
+import inspect
 import logging
 import sys
 from pathlib import Path
 
-from pipeline.adapters import ADAPTERS, SourceError
+from pipeline.adapters import ADAPTERS, SPLITS, SourceError
 from shards.format import FormatError
 
 log = logging.getLogger("pipeline")
@@ -44,11 +45,31 @@ def _cmd_build_shards(args: argparse.Namespace) -> int:
                         tokenizer=str(Path(args.tokenizer).resolve()) if args.tokenizer else "")
     info = build_shards(args.dataset, src, Path(args.out), opts, workers=args.workers,
                         use_ray=args.ray is not None, ray_address=args.ray or None,
-                        progress=not args.quiet, classes_file=Path(args.classes) if args.classes else None)
+                        progress=not args.quiet, adapter_options=_adapter_options(args))
     for split, counts in info.splits.items():
         missing = ", ".join(f"{counts['samples'] - counts['has_' + m]} without {m}" for m in info.modalities)
         print(f"{split}: {counts['samples']} samples, {counts['rejected']} rejected, {missing}")
     return 0
+
+
+def _adapter_options(args: argparse.Namespace) -> dict:
+    """The dataset-specific options given on the command line (None where not given)."""
+    split_lists = None
+    if args.split_list:
+        split_lists = {}
+        for item in args.split_list:
+            split, sep, path = item.partition("=")
+            if not sep or split not in SPLITS or not path:
+                raise UsageError(f"--split-list {item!r}: use SPLIT=FILE with SPLIT one of {', '.join(SPLITS)}, "
+                                 f"e.g. --split-list train=my_train.txt")
+            split_lists[split] = Path(path)
+    given = {"classes_file": (Path(args.classes) if args.classes else None, "--classes"),
+             "split_lists": (split_lists, "--split-list"), "duplicates": (args.duplicates, "--duplicates")}
+    accepted = inspect.signature(ADAPTERS[args.dataset]).parameters if args.dataset in ADAPTERS else {}
+    for name, (value, flag) in given.items():
+        if value is not None and name not in accepted:
+            raise UsageError(f"{flag} does not apply to {args.dataset}")
+    return {name: value for name, (value, _) in given.items() if value is not None}
 
 
 def _cmd_verify(args: argparse.Namespace) -> int:
@@ -124,6 +145,12 @@ def build_parser() -> argparse.ArgumentParser:
                        help="run shard tasks on a Ray cluster (address, or empty for RAY_ADDRESS/local); "
                             "--out must be storage every node sees")
     build.add_argument("--classes", default=None, help="kinetics_sound: file with the class names to keep")
+    build.add_argument("--split-list", action="append", default=None, metavar="SPLIT=FILE",
+                       help="kinetics_sound: take the samples of SPLIT from a lineage split list instead of the "
+                            "CSVs (OGM-GE's my_train.txt / my_test.txt); repeat per split")
+    build.add_argument("--duplicates", choices=["drop", "first"], default=None,
+                       help="ave: what to do with video ids that Annotations.txt labels more than once "
+                            "(default drop: every row of an ambiguous id is rejected)")
     build.set_defaults(func=_cmd_build_shards)
 
     verify = sub.add_parser("verify", help="check checksums, index, manifest and that every member decodes",

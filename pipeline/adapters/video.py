@@ -55,26 +55,84 @@ def waveform_audio_info(opts: BuildOptions, rows: list[dict]) -> dict:
 VIDEO = SampleKind("video", encode_clip, clip_visual_info, waveform_audio_info)
 
 
-def kinetics_sound(src: Path, classes_file: Path | None = None) -> Corpus:
-    """Kinetics-400 download (`{split}/<youtube_id>_<start:06d>_<end:06d>.mp4`, `annotations/<split>.csv`),
-    keeping the Kinetics-Sound classes (shipped list, or `classes_file` with one name per line)."""
-    require_dir(src, "kinetics_sound")
+K400_REPLACEMENTS = "replacement/replacement_for_corrupted_k400"
+"""Where the public Kinetics-400 download (cvdfoundation/kinetics-dataset, `k400_downloader.sh` and
+`k400_extractor.sh`) unpacks `replacement_for_corrupted_k400.tgz`: re-encoded copies of train clips whose
+originals are corrupted, matched to them by file stem, or by the 11-character YouTube id as that
+repository's `arrange_by_classes.py` does."""
+
+
+def kinetics_sound_classes(classes_file: Path | None = None) -> list[str]:
+    """The shipped Kinetics-Sound class list, or `classes_file` (one Kinetics-400 name per line)."""
     if classes_file is not None:
-        classes = [c.strip() for c in require_file(classes_file, "classes file", "pass an existing file").read_text().splitlines() if c.strip()]
+        text = require_file(classes_file, "classes file", "pass an existing file").read_text(encoding="utf-8")
     else:
-        classes = resources.files("pipeline").joinpath("kinetics_sound_classes.txt").read_text().split("\n")
-        classes = [c.strip() for c in classes if c.strip()]
+        text = resources.files("pipeline").joinpath("kinetics_sound_classes.txt").read_text(encoding="utf-8")
+    return [c.strip() for c in text.splitlines() if c.strip()]
+
+
+def _k400_clips(src: Path) -> dict[tuple[str, int], str]:
+    """(YouTube id, start second) -> the clip to read, relative to --src, over `{train,val,test}/` with
+    the download's replacement clips taking the place of the originals."""
+    found: dict[tuple[str, int], str] = {}
+    for folder in [*SPLITS, K400_REPLACEMENTS]:
+        for path in sorted((src / folder).glob("*.mp4")):
+            parsed = _k400_stem(path.stem)
+            if parsed:
+                found[parsed] = f"{folder}/{path.name}"
+    return found
+
+
+def _k400_stem(stem: str) -> tuple[str, int] | None:
+    """`<11-char YouTube id>_<start>[_<end>]` -> (id, start), or None. YouTube ids may hold `_` and `-`."""
+    if len(stem) < 13 or stem[11] != "_":
+        return None
+    start = stem[12:].split("_")[0]
+    return (stem[:11], int(start)) if start.isdigit() else None
+
+
+def _replacements(src: Path) -> dict[str, str]:
+    """Stem or YouTube id of a corrupted original -> its replacement clip relative to --src."""
+    out: dict[str, str] = {}
+    for path in sorted((src / K400_REPLACEMENTS).glob("*.mp4")):
+        out.setdefault(path.stem[:11], f"{K400_REPLACEMENTS}/{path.name}")
+        out[path.stem] = f"{K400_REPLACEMENTS}/{path.name}"
+    return out
+
+
+def kinetics_sound(src: Path, classes_file: Path | None = None,
+                   split_lists: dict[str, Path] | None = None) -> Corpus:
+    """Kinetics-Sound from the public Kinetics-400 download: `{split}/<youtube_id>_<start:06d>_<end:06d>.mp4`
+    and `annotations/<split>.csv` (label,youtube_id,time_start,time_end,split), keeping the 31 Kinetics-Sound
+    classes. A clip of the download's `replacement/replacement_for_corrupted_k400/` folder is read in place
+    of its corrupted original.
+
+    The class list (`pipeline/kinetics_sound_classes.txt`, sorted, label index = position) is the 31 classes
+    the lineage trains on, as listed by a maintainer in IBM/AdaMML issue #3: with `stomping grapes` and
+    `tickling`, without `fingerpicking`/`typing` (not Kinetics-400 names). The sorted position agrees with
+    the label indices of OGM-GE's `data/KineticSound/my_train.txt` (`--4-0ihtnBU_000058_000068,10,4` is
+    dribbling basketball in the K400 train.csv; 4 is its sorted position).
+
+    `split_lists` ({split: file}) reproduces the papers' 14,799 / 2,597 clips instead of the CSVs: OGM-GE's
+    `my_train.txt` / `my_test.txt` rows `<youtube_id>_<start>[_<end>],10,<label index>` (the test list has
+    unpadded starts and no end), each clip looked up by YouTube id and start second in the download."""
+    require_dir(src, "kinetics_sound")
+    classes = kinetics_sound_classes(classes_file)
+    replaced: dict[str, int] = {}
+    if split_lists:
+        return _kinetics_from_lists(src, classes, split_lists, replaced)
     csvs = sorted((src / "annotations").glob("*.csv"))
     if not csvs:
         raise SourceError(
             f"no annotation CSVs in {src / 'annotations'}; the Kinetics-400 release has "
-            f"annotations/{{train,val,test}}.csv with columns label,youtube_id,time_start,time_end,split")
+            f"annotations/{{train,val,test}}.csv with columns label,youtube_id,time_start,time_end,split "
+            f"(or pass the lineage's split lists with --split-list train=my_train.txt --split-list test=my_test.txt)")
     rows = []
-    replaced: dict[str, int] = {}
     for path in csvs:
         rows.extend((path.stem, r) for r in read_csv_rows(
             path, src, ("label", "youtube_id", "time_start", "time_end"),
             "label,youtube_id,time_start,time_end,split", replaced))
+    replacements = _replacements(src)
 
     def make(item):
         csv_split, row = item
@@ -84,7 +142,8 @@ def kinetics_sound(src: Path, classes_file: Path | None = None) -> Corpus:
         except (TypeError, ValueError):
             return Reject(sanitize_key(str(row.get("youtube_id") or "row")), split, "", "annotation",
                           f"malformed row {dict(row)}")
-        return sanitize_key(stem), split, (row.get("label") or "").strip(), f"{split}/{stem}.mp4"
+        source = replacements.get(stem) or replacements.get(stem[:11]) if split == "train" else None
+        return sanitize_key(stem), split, (row.get("label") or "").strip(), source or f"{split}/{stem}.mp4"
 
     skipped: dict[str, int] = {}
     samples, rejects = collect(rows, src, classes, make, skipped)
@@ -92,14 +151,62 @@ def kinetics_sound(src: Path, classes_file: Path | None = None) -> Corpus:
                   skipped_labels=skipped, annotation_replaced=replaced)
 
 
-def ave(src: Path) -> Corpus:
-    """AVE release: `AVE/<VideoID>.mp4`, `Annotations.txt` and `{train,val,test}Set.txt`
-    (`Category&VideoID&Quality&StartTime&EndTime`); classes are the sorted categories of Annotations.txt."""
+def _kinetics_from_lists(src: Path, classes: list[str], split_lists: dict[str, Path],
+                         replaced: dict[str, int]) -> Corpus:
+    """Kinetics-Sound samples exactly as listed in the lineage's split files (see `kinetics_sound`)."""
+    clips = _k400_clips(src)
+    rows = []
+    for split, path in sorted(split_lists.items()):
+        require_file(path, f"--split-list {split}", "pass OGM-GE's my_train.txt / my_test.txt")
+        for n, line in enumerate(read_annotation(path, src, replaced).splitlines(), start=1):
+            if line.strip():
+                rows.append((split, path.name, n, [f.strip() for f in line.split(",")]))
+
+    def make(item):
+        split, name, n, fields = item
+        parsed = _k400_stem(fields[0]) if len(fields) == 3 else None
+        if parsed is None or not fields[2].lstrip("-").isdigit():
+            return Reject("", "", f"{name} line {n}", "annotation",
+                          f"expected <youtube_id>_<start>[_<end>],10,<label index>; got {','.join(fields)!r}")
+        label = int(fields[2])
+        key = sanitize_key(fields[0])
+        if not 0 <= label < len(classes):
+            return Reject(key, "", f"{name} line {n}", "annotation",
+                          f"label {label} is not a class index 0..{len(classes) - 1}")
+        rel = clips.get(parsed)
+        if rel is None:
+            return Reject(key, split, f"{name} line {n}", "source",
+                          f"listed clip {fields[0]} not found in {', '.join(SPLITS)}/ or {K400_REPLACEMENTS}/")
+        return sanitize_key(Path(rel).stem), split, classes[label], rel
+
+    samples, rejects = collect(rows, src, classes, make)
+    return Corpus("kinetics_sound", ["visual", "audio"], classes, samples, rejects, VIDEO,
+                  annotation_replaced=replaced)
+
+
+def ave(src: Path, duplicates: str = "drop") -> Corpus:
+    """AVE release (YapengTian/AVE-ECCV18 `data/`): `AVE/<VideoID>.mp4`, `Annotations.txt` and
+    `{train,val,test}Set.txt` (`Category&VideoID&Quality&StartTime&EndTime`; the split files are the rows
+    of Annotations.txt that `{train,val,test}_order.h5` index, 3,339 / 402 / 402). Classes are the 28
+    sorted categories (OGM-GE reads them sorted from its `stat.txt`).
+
+    Annotations.txt has 4,143 rows but 4,097 distinct video ids: 45 ids appear more than once, each time
+    with different labels (Banjo/Mandolin, Male/Female speech, ...). By default (`duplicates="drop"`)
+    every row of such an ambiguous id is rejected with the labels it has, as OGM-GE's
+    `dataset/dataset.py` intends ("AVE, delete repeated labels"), so the label never depends on list
+    order: 3,268 / 390 / 394 clips, 4,052 in all. `duplicates="first"` keeps each id's first row in a
+    split, as PMR's `dataset/AVEDataset.py` does."""
     require_dir(src, "ave")
+    if duplicates not in ("drop", "first"):
+        raise SourceError(f"--duplicates {duplicates!r}: use drop (ambiguous ids left out) or first")
     fix = "the AVE release has Annotations.txt, trainSet.txt, valSet.txt, testSet.txt and the AVE/ video folder"
     replaced: dict[str, int] = {}
     annotations = _read_ave_list(require_file(src / "Annotations.txt", "Annotations.txt", fix), src, replaced)
     classes = sorted({row[0] for row in annotations})
+    labels_of: dict[str, list[str]] = {}
+    for row in annotations:
+        labels_of.setdefault(row[1], []).append(row[0])
+    ambiguous = {vid: labels for vid, labels in labels_of.items() if len(set(labels)) > 1}
     rows = []
     for split in SPLITS:
         path = require_file(src / f"{split}Set.txt", f"{split}Set.txt", fix)
@@ -108,7 +215,12 @@ def ave(src: Path) -> Corpus:
     def make(item):
         split, row = item
         category, video_id = row[0], row[1]
-        return sanitize_key(video_id), split, category, f"AVE/{video_id}.mp4"
+        rel = f"AVE/{video_id}.mp4"
+        if duplicates == "drop" and video_id in ambiguous:
+            return Reject(sanitize_key(video_id), split, rel, "annotation",
+                          f"ambiguous video id: {len(ambiguous[video_id])} rows of Annotations.txt label it "
+                          f"{', '.join(sorted(set(ambiguous[video_id])))}; dropped (--duplicates first keeps the first)")
+        return sanitize_key(video_id), split, category, rel
 
     samples, rejects = collect(rows, src, classes, make)
     return Corpus("ave", ["visual", "audio"], classes, samples, rejects, VIDEO, annotation_replaced=replaced)

@@ -1,0 +1,145 @@
+"""The papers' datasets as the field uses them: the 31 Kinetics-Sound classes of a real Kinetics-400
+download, its replacement clips, the lineage's split lists, and AVE's ambiguous video ids.
+
+One tiny real clip is hard-linked under every name a corpus needs, so these corpora cost one ffmpeg run."""
+from __future__ import annotations
+
+import csv
+import os
+from pathlib import Path
+
+import pyarrow.parquet as pq
+import pytest
+
+from pipeline.adapters.video import K400_REPLACEMENTS, ave, kinetics_sound, kinetics_sound_classes
+from pipeline.build import BuildOptions, build_shards
+from pipeline.cli import main
+from tests.media import ffmpeg_clip
+
+
+@pytest.fixture(scope="module")
+def clip(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return ffmpeg_clip(tmp_path_factory.mktemp("clip") / "clip.mp4", seconds=1.0, size="64x48")
+
+
+def link(clip: Path, path: Path) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    os.link(clip, path)
+
+
+def youtube_id(i: int) -> str:
+    return f"yt{i:04d}_x-{i % 10}Ab"[:11]  # 11 characters, with `_` and `-` as real ids have
+
+
+def k400_corpus(root: Path, clip: Path, classes: list[str], split: str = "train") -> list[dict]:
+    """A Kinetics-400-layout corpus with one clip per class name."""
+    rows = []
+    for i, label in enumerate(classes):
+        yid = youtube_id(i)
+        rows.append({"label": label, "youtube_id": yid, "time_start": 10, "time_end": 20, "split": split})
+        link(clip, root / split / f"{yid}_000010_000020.mp4")
+    (root / "annotations").mkdir(parents=True, exist_ok=True)
+    with open(root / "annotations" / f"{split}.csv", "w", newline="") as f:
+        writer = csv.DictWriter(f, fieldnames=list(rows[0]))
+        writer.writeheader()
+        writer.writerows(rows)
+    return rows
+
+
+def test_the_shipped_class_list_is_the_31_kinetics_sound_classes_sorted() -> None:
+    classes = kinetics_sound_classes()
+    assert len(classes) == 31 and classes == sorted(classes)
+    assert {"stomping grapes", "tickling"} <= set(classes)
+    assert not {"fingerpicking", "typing"} & set(classes)  # not Kinetics-400 class names
+    assert classes.index("dribbling basketball") == 4 and classes.index("playing harmonica") == 13  # OGM-GE lists
+
+
+def test_a_k400_corpus_with_every_listed_class_has_all_31_classes(clip: Path, tmp_path: Path) -> None:
+    classes = kinetics_sound_classes()
+    k400_corpus(tmp_path / "k400", clip, classes + ["abseiling"])
+    corpus = kinetics_sound(tmp_path / "k400")
+    assert sorted({s.label for s in corpus.samples}) == list(range(31))
+    assert corpus.skipped_labels == {"abseiling": 1}
+
+
+def test_a_replacement_clip_is_read_in_place_of_its_corrupted_original(clip: Path, tmp_path: Path) -> None:
+    root = tmp_path / "k400"
+    rows = k400_corpus(root, clip, ["bowling", "singing"])
+    broken = root / "train" / f"{rows[0]['youtube_id']}_000010_000020.mp4"
+    broken.unlink()
+    broken.write_bytes(b"corrupted download\n" * 100)
+    link(clip, root / K400_REPLACEMENTS / broken.name)
+    build_shards("kinetics_sound", root, tmp_path / "out", BuildOptions(size=32), workers=1, progress=False)
+    manifest = {r["key"]: r for r in pq.read_table(tmp_path / "out/kinetics_sound/manifest.parquet").to_pylist()}
+    assert manifest[broken.stem]["source"] == f"{K400_REPLACEMENTS}/{broken.name}"
+    assert manifest[broken.stem]["label_name"] == "bowling"
+    assert pq.read_table(tmp_path / "out/kinetics_sound/rejects.parquet").num_rows == 0
+
+
+def test_lineage_split_lists_choose_the_samples_and_their_labels(clip: Path, tmp_path: Path,
+                                                                 capsys: pytest.CaptureFixture) -> None:
+    """OGM-GE's my_train.txt rows are `<id>_<start:06d>_<end:06d>,10,<label>`; my_test.txt rows have an
+    unpadded start and no end. The CSVs are not needed."""
+    root = tmp_path / "k400"
+    classes = kinetics_sound_classes()
+    ids = [youtube_id(i) for i in range(5)]
+    for i, yid in enumerate(ids):
+        link(clip, root / ("train" if i < 3 else "val") / f"{yid}_000010_000020.mp4")
+    link(clip, root / K400_REPLACEMENTS / f"{ids[2]}_000010_000020.mp4")
+    lists = tmp_path / "lists"
+    lists.mkdir()
+    (lists / "my_train.txt").write_bytes(
+        f"{ids[0]}_000010_000020,10,4\r\n{ids[1]}_000010_000020,10,13\r\n{ids[2]}_000010_000020,10,30\r\n"
+        f"nothere1234_000010_000020,10,1\r\n".encode())
+    (lists / "my_test.txt").write_text(f"{ids[3]}_10,10,26\n{ids[4]}_10,10,31\n")
+    assert main(["-q", "build-shards", "kinetics_sound", "--src", str(root), "--out", str(tmp_path / "out"),
+                 "--size", "32", "--split-list", f"train={lists / 'my_train.txt'}",
+                 "--split-list", f"test={lists / 'my_test.txt'}"]) == 0
+    ds = tmp_path / "out" / "kinetics_sound"
+    rows = {r["key"]: r for r in pq.read_table(ds / "manifest.parquet").to_pylist()}
+    assert {k: (r["split"], r["label_name"]) for k, r in rows.items()} == {
+        f"{ids[0]}_000010_000020": ("train", "dribbling basketball"),
+        f"{ids[1]}_000010_000020": ("train", "playing harmonica"),
+        f"{ids[2]}_000010_000020": ("train", "tickling"),
+        f"{ids[3]}_000010_000020": ("test", "stomping grapes"),
+    }
+    assert rows[f"{ids[2]}_000010_000020"]["source"].startswith(K400_REPLACEMENTS)
+    reasons = sorted(r["reason"] for r in pq.read_table(ds / "rejects.parquet").to_pylist())
+    assert reasons[0] == "label 31 is not a class index 0..30"
+    assert reasons[1].startswith("listed clip nothere1234_000010_000020 not found")
+    assert main(["-q", "build-shards", "kinetics_sound", "--src", str(root), "--out", str(tmp_path / "o2"),
+                 "--split-list", "training=x.txt"]) == 2
+    assert "use SPLIT=FILE with SPLIT one of train, val, test" in capsys.readouterr().err
+
+
+def ave_corpus_with_duplicates(root: Path, clip: Path) -> None:
+    """AVE layout where one id is labelled twice differently (as 45 ids of the release are), one id
+    appears twice with the same label, and the rest once."""
+    lines = {"train": ["Banjo&dup0diff000&good&0&10", "Dog&single00001&good&0&10", "Dog&dupsame00001&good&0&10"],
+             "val": ["Mandolin&dup0diff000&good&0&10", "Dog&dupsame00001&good&0&10"],
+             "test": ["Banjo&single00002&good&0&10"]}
+    for vid in ("dup0diff000", "single00001", "dupsame00001", "single00002"):
+        link(clip, root / "AVE" / f"{vid}.mp4")
+    (root / "Annotations.txt").write_text("\n".join(sum(lines.values(), [])) + "\n")
+    for split, split_lines in lines.items():
+        (root / f"{split}Set.txt").write_text("\n".join(split_lines) + "\n")
+
+
+def test_ave_ids_labelled_twice_differently_are_dropped_and_each_row_rejected(clip: Path, tmp_path: Path) -> None:
+    ave_corpus_with_duplicates(tmp_path / "AVE_Dataset", clip)
+    corpus = ave(tmp_path / "AVE_Dataset")
+    assert {(s.key, s.split, corpus.classes[s.label]) for s in corpus.samples} == {
+        ("single00001", "train", "Dog"), ("dupsame00001", "train", "Dog"), ("single00002", "test", "Banjo")}
+    ambiguous = [r for r in corpus.rejects if r.reason.startswith("ambiguous video id")]
+    assert sorted(r.split for r in ambiguous) == ["train", "val"]
+    assert all("2 rows of Annotations.txt label it Banjo, Mandolin" in r.reason for r in ambiguous)
+    first = ave(tmp_path / "AVE_Dataset", duplicates="first")
+    assert ("dup0diff000", "train", "Banjo") in {(s.key, s.split, first.classes[s.label]) for s in first.samples}
+
+
+def test_an_adapter_option_of_another_dataset_exits_2(clip: Path, tmp_path: Path,
+                                                      capsys: pytest.CaptureFixture) -> None:
+    ave_corpus_with_duplicates(tmp_path / "AVE_Dataset", clip)
+    assert main(["-q", "build-shards", "ave", "--src", str(tmp_path / "AVE_Dataset"), "--out", str(tmp_path / "o"),
+                 "--split-list", "train=x.txt"]) == 2
+    assert "--split-list does not apply to ave" in capsys.readouterr().err
