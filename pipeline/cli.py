@@ -64,7 +64,9 @@ def _adapter_options(args: argparse.Namespace) -> dict:
                                  f"e.g. --split-list train=my_train.txt")
             split_lists[split] = Path(path)
     given = {"classes_file": (Path(args.classes) if args.classes else None, "--classes"),
-             "split_lists": (split_lists, "--split-list"), "duplicates": (args.duplicates, "--duplicates")}
+             "split_lists": (split_lists, "--split-list"), "duplicates": (args.duplicates, "--duplicates"),
+             "split_json": (Path(args.split_json) if args.split_json else None, "--split-json"),
+             "class_index": (Path(args.class_index) if args.class_index else None, "--class-index")}
     accepted = inspect.signature(ADAPTERS[args.dataset]).parameters if args.dataset in ADAPTERS else {}
     for name, (value, flag) in given.items():
         if value is not None and name not in accepted:
@@ -148,6 +150,12 @@ def build_parser() -> argparse.ArgumentParser:
     build.add_argument("--split-list", action="append", default=None, metavar="SPLIT=FILE",
                        help="kinetics_sound: take the samples of SPLIT from a lineage split list instead of the "
                             "CSVs (OGM-GE's my_train.txt / my_test.txt); repeat per split")
+    build.add_argument("--split-json", default=None, metavar="FILE",
+                       help="food101: missing_aware_prompts' split.json (image names per train/val/test); "
+                            "default: split.json at the root of --src if there, else a hash split of train")
+    build.add_argument("--class-index", default=None, metavar="FILE",
+                       help="food101: missing_aware_prompts' class_idx.json (class -> label index); default: "
+                            "class_idx.json at the root of --src if there, else sorted class folders")
     build.add_argument("--duplicates", choices=["drop", "first"], default=None,
                        help="ave: what to do with video ids that Annotations.txt labels more than once "
                             "(default drop: every row of an ambiguous id is rejected)")

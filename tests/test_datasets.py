@@ -143,3 +143,61 @@ def test_an_adapter_option_of_another_dataset_exits_2(clip: Path, tmp_path: Path
     assert main(["-q", "build-shards", "ave", "--src", str(tmp_path / "AVE_Dataset"), "--out", str(tmp_path / "o"),
                  "--split-list", "train=x.txt"]) == 2
     assert "--split-list does not apply to ave" in capsys.readouterr().err
+
+
+# ------------------------------------------------------------------------------------ vision-language
+
+def test_food101_split_json_and_class_index_of_missing_aware_prompts_are_honoured(tmp_path: Path) -> None:
+    """split.json lists image names per split (val images lie in images/train/), class_idx.json gives
+    the class order; an image listed without a title row and one with a title but not listed are rejected."""
+    import json
+
+    from pipeline.adapters.vision_language import food101
+    from tests.media import FOOD_CLASSES, food101_corpus
+
+    root = tmp_path / "food"
+    food101_corpus(root)
+    order = {"baklava": 0, "apple_pie": 1, "baby_back_ribs": 2}
+    (root / "class_idx.json").write_text(json.dumps(order))
+    split = {"train": ["apple_pie_0.jpg", "baklava_3.jpg"], "val": ["apple_pie_3.jpg"],
+             "test": ["baklava_0.jpg", "no_title_anywhere_7.jpg"]}
+    (tmp_path / "split.json").write_text(json.dumps(split))
+    corpus = food101(root, split_json=tmp_path / "split.json")  # class_idx.json found at the root
+    assert corpus.classes == ["baklava", "apple_pie", "baby_back_ribs"] and set(FOOD_CLASSES) == set(corpus.classes)
+    got = {(s.key, s.split, corpus.classes[s.label]) for s in corpus.samples}
+    assert got == {("train_apple_pie_0", "train", "apple_pie"), ("train_baklava_3", "train", "baklava"),
+                   ("train_apple_pie_3", "val", "apple_pie"), ("test_baklava_0", "test", "baklava")}
+    reasons = [r.reason for r in corpus.rejects]
+    assert "listed in split.json but no row of texts/*_titles.csv has it" in reasons
+    assert sum(r == "not listed in split.json" for r in reasons) > 0
+
+
+def test_food101_class_index_that_is_not_a_permutation_exits_2(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+    from tests.media import food101_corpus
+
+    root = tmp_path / "food"
+    food101_corpus(root)
+    (tmp_path / "idx.json").write_text('{"baklava": 0, "apple_pie": 2}')
+    assert main(["-q", "build-shards", "food101", "--src", str(root), "--out", str(tmp_path / "o"),
+                 "--class-index", str(tmp_path / "idx.json")]) == 2
+    assert "indices 0..N-1" in capsys.readouterr().err
+
+
+def test_mm_imdb_reorganised_layout_of_missing_aware_prompts_is_read(tmp_path: Path) -> None:
+    """images/<id>.jpeg, labels/<id>.json and split.json instead of dataset/<id>.{json,jpeg}."""
+    import shutil
+
+    from pipeline.adapters.vision_language import mm_imdb
+    from tests.media import mm_imdb_corpus
+
+    original = tmp_path / "orig"
+    mm_imdb_corpus(original)
+    root = tmp_path / "reorganised"
+    (root / "images").mkdir(parents=True)
+    (root / "labels").mkdir()
+    shutil.copy(original / "mmimdb" / "split.json", root / "split.json")
+    for path in (original / "mmimdb" / "dataset").iterdir():
+        shutil.copy(path, root / ("labels" if path.suffix == ".json" else "images") / path.name)
+    a, b = mm_imdb(original), mm_imdb(root)
+    assert [(s.key, s.split, s.labels, s.text) for s in a.samples] == [(s.key, s.split, s.labels, s.text) for s in b.samples]
+    assert all(s.source.startswith("images/") for s in b.samples if s.source)

@@ -8,7 +8,7 @@ import json
 from pathlib import Path
 
 from pipeline.adapters.corpus import (
-    Corpus, Reject, Sample, SampleKind, SourceError, collect, frame_size, outside_src, read_annotation, require_dir,
+    SPLITS, Corpus, Reject, Sample, SampleKind, SourceError, collect, frame_size, outside_src, read_annotation, require_dir,
     require_file, sample_members, source_problem,
 )
 from pipeline.adapters.video import IMAGENET
@@ -63,12 +63,19 @@ def mm_imdb(src: Path) -> Corpus:
     `genres` (a list of names; only the paper's 23 genres count, multi-label) and `plot` (a list of plot
     summaries; joined with spaces) are used. --src is the `mmimdb` folder or the folder holding it.
 
+    The reorganised layout of missing_aware_prompts (`DATA.md`, `vilt/utils/write_mmimdb.py`:
+    `images/<id>.jpeg`, `labels/<id>.json`, `split.json` with the same train/dev/test lists, 15,552 /
+    2,608 / 7,799) is read as well, detected by its `labels/` folder; its genre list is the same 23 in the
+    same order.
+
     A movie without plot or without poster is kept without that modality; one with neither, with none of
     the 23 genres, or whose json is missing or malformed is rejected. Bytes that are not UTF-8 are replaced
     and counted (`text_replaced`)."""
     require_dir(src, "mm_imdb")
     root = src / "mmimdb" if (src / "mmimdb" / "split.json").is_file() else src
-    fix = "the MM-IMDB release has mmimdb/split.json and mmimdb/dataset/<id>.json + <id>.jpeg"
+    fix = ("the MM-IMDB release has mmimdb/split.json and mmimdb/dataset/<id>.json + <id>.jpeg (or the "
+           "reorganised split.json, labels/<id>.json, images/<id>.jpeg)")
+    json_dir, poster_dir = ("labels", "images") if (root / "labels").is_dir() else ("dataset", "dataset")
     split_path = require_file(root / "split.json", "split.json", fix)
     replaced_files: dict[str, int] = {}
     try:
@@ -98,7 +105,7 @@ def mm_imdb(src: Path) -> Corpus:
             except ValueError as exc:
                 rejects.append(Reject("", split, "", "annotation", f"unusable id {movie_id!r} in split.json: {exc}"))
                 continue
-            rel_json = f"{prefix}dataset/{movie_id}.json"
+            rel_json = f"{prefix}{json_dir}/{movie_id}.json"
             outside = outside_src(src, resolved_src, rel_json)
             if outside:
                 rejects.append(Reject(key, split, rel_json, "annotation", outside))
@@ -121,7 +128,7 @@ def mm_imdb(src: Path) -> Corpus:
                 continue
             plot_text = " ".join(str(p) for p in plot) if isinstance(plot, list) else str(plot)
             plot_text = plot_text.strip() or None
-            rel_poster = f"{prefix}dataset/{movie_id}.jpeg"
+            rel_poster = f"{prefix}{poster_dir}/{movie_id}.jpeg"
             poster = rel_poster if (src / rel_poster).is_file() else ""
             if poster and outside_src(src, resolved_src, rel_poster):
                 rejects.append(Reject(key, split, rel_poster, "annotation", outside_src(src, resolved_src, rel_poster)))
@@ -144,24 +151,38 @@ FOOD101_VAL_FRACTION = 0.1
 the 61,142 / 6,846 split of METHOD.md's reference."""
 
 
-def food101(src: Path) -> Corpus:
+def food101(src: Path, split_json: Path | None = None, class_index: Path | None = None) -> Corpus:
     """UPMC Food-101: `images/{train,test}/<class>/<class>_<n>.jpg` and `texts/{train,test}_titles.csv`,
     header-less rows `image file name,title text,class name` (the title is the text of the web page the
     image came from). Classes are the sorted class folders of `images/train` (or the CSVs' class names).
     A blank or short CSV row, an unknown class or an image not on disk is rejected; an empty title is kept
-    as a sample without text. Bytes that are not UTF-8 are replaced and counted (`text_replaced`)."""
+    as a sample without text. Bytes that are not UTF-8 are replaced and counted (`text_replaced`).
+
+    The vision-language papers use the split and class order of missing_aware_prompts (`DATA.md`,
+    `vilt/utils/write_food101.py`): `split.json` ({"train"|"val"|"test": [image file names]}, 61,142 /
+    6,846 / 22,716; val images lie in `images/train/`) and `class_idx.json` ({class: index}, not
+    alphabetical). They are honoured when given (`split_json`, `class_index`) or found at the root of
+    --src; an image they list without a title row is rejected, as that script ignores it. Without
+    `split.json`, `val` is a fixed 10% of train by a hash of the key."""
     require_dir(src, "food101")
     fix = "the UPMC Food-101 release has images/{train,test}/<class>/*.jpg and texts/{train,test}_titles.csv"
+    split_json = split_json or (src / "split.json" if (src / "split.json").is_file() else None)
+    class_index = class_index or (src / "class_idx.json" if (src / "class_idx.json").is_file() else None)
+    replaced_files: dict[str, int] = {}
+    listed = _food101_split_json(split_json, src, replaced_files) if split_json else None
     rows: list[tuple[str, int, list[str], int]] = []
     for split in ("train", "test"):
         path = require_file(src / "texts" / f"{split}_titles.csv", f"texts/{split}_titles.csv", fix)
         text, replaced = decode_text(path.read_bytes())
         for line, row in enumerate(csv.reader(io.StringIO(text, newline="")), start=1):
             rows.append((split, line, row, sum(f.count("\ufffd") for f in row) if replaced else 0))
-    class_dir = src / "images" / "train"
-    classes = sorted(p.name for p in class_dir.iterdir() if p.is_dir()) if class_dir.is_dir() else []
-    if not classes:
-        classes = sorted({r[2].strip() for _, _, r, _ in rows if len(r) >= 3 and r[2].strip()})
+    if class_index:
+        classes = _food101_class_index(class_index, src, replaced_files)
+    else:
+        class_dir = src / "images" / "train"
+        classes = sorted(p.name for p in class_dir.iterdir() if p.is_dir()) if class_dir.is_dir() else []
+        if not classes:
+            classes = sorted({r[2].strip() for _, _, r, _ in rows if len(r) >= 3 and r[2].strip()})
     index = {c: i for i, c in enumerate(classes)}
     root = src.resolve()
     samples: dict[str, Sample] = {}
@@ -184,14 +205,56 @@ def food101(src: Path) -> Corpus:
             rejects.append(Reject(key, csv_split, where, "annotation", f"unknown class {label!r}"))
             continue
         rel = f"images/{csv_split}/{label}/{name}"
-        problem = source_problem(src, root, rel, key, csv_split, samples)
+        if listed is not None:  # train and val images lie in images/train/, test images in images/test/
+            split = listed.get(name)
+            if split is None or (split == "test") != (csv_split == "test"):
+                rejects.append(Reject(key, "", rel, "annotation", f"not listed in {split_json.name}"))
+                continue
+            del listed[name]
+        else:
+            split = csv_split
+            if split == "train" and key_uniform(key, 0, "food101:val") < FOOD101_VAL_FRACTION:
+                split = "val"
+        problem = source_problem(src, root, rel, key, split, samples)
         if problem:
             rejects.append(problem)
             continue
-        split = csv_split
-        if split == "train" and key_uniform(key, 0, "food101:val") < FOOD101_VAL_FRACTION:
-            split = "val"
         samples[key] = Sample(key, split, index[label], rel, kind="image_text", text=title.strip() or None,
                               text_replaced=replaced if title.strip() else 0)
+    for name, split in sorted((listed or {}).items()):
+        rejects.append(Reject("", split, name, "annotation",
+                              f"listed in {split_json.name} but no row of texts/*_titles.csv has it"))
     ordered = sorted(samples.values(), key=lambda s: (s.split, s.key))
-    return Corpus("food101", ["visual", "text"], classes, ordered, rejects, IMAGE_TEXT)
+    return Corpus("food101", ["visual", "text"], classes, ordered, rejects, IMAGE_TEXT,
+                  annotation_replaced=replaced_files)
+
+
+def _food101_split_json(path: Path, src: Path, replaced: dict[str, int]) -> dict[str, str]:
+    """missing_aware_prompts' split.json as {image file name: split}; an unknown split or a name in two
+    splits is a `SourceError`."""
+    fix = 'expected {"train": [image file names], "val": [...], "test": [...]} (missing_aware_prompts)'
+    try:
+        doc = json.loads(read_annotation(require_file(path, "split.json", fix), src, replaced))
+    except json.JSONDecodeError as exc:
+        raise SourceError(f"{path}: not valid JSON ({exc}); {fix}") from exc
+    if not isinstance(doc, dict) or set(doc) - set(SPLITS) or not all(isinstance(v, list) for v in doc.values()):
+        raise SourceError(f"{path}: {fix}")
+    listed: dict[str, str] = {}
+    for split, names in doc.items():
+        for name in names:
+            if str(name) in listed:
+                raise SourceError(f"{path}: {name!r} is listed in both {listed[str(name)]} and {split}")
+            listed[str(name)] = split
+    return listed
+
+
+def _food101_class_index(path: Path, src: Path, replaced: dict[str, int]) -> list[str]:
+    """missing_aware_prompts' class_idx.json ({class: index}) as the class list in index order."""
+    fix = 'expected {"class name": index, ...} with indices 0..N-1 (missing_aware_prompts class_idx.json)'
+    try:
+        doc = json.loads(read_annotation(require_file(path, "class_idx.json", fix), src, replaced))
+    except json.JSONDecodeError as exc:
+        raise SourceError(f"{path}: not valid JSON ({exc}); {fix}") from exc
+    if not isinstance(doc, dict) or sorted(doc.values()) != list(range(len(doc))):
+        raise SourceError(f"{path}: {fix}")
+    return [name for name, _ in sorted(doc.items(), key=lambda item: item[1])]
