@@ -1,12 +1,15 @@
 # Two entry points (see README): `make demo` runs the main job end to end, `make test` runs the tests.
-# Both set up everything first: Debian packages (ffmpeg, espeak-ng) and the Python environment in .venv.
+# Both set up everything first: Debian packages (ffmpeg, espeak-ng) and the Python environment in .venv,
+# with the versions tested in constraints.txt (pyproject.toml has the compatible ranges).
 PYTHON ?= python3.11
 VENV   ?= .venv
 WORK   ?= work
 BIN     = $(VENV)/bin
 export PYTHONHASHSEED = 0
 
-.PHONY: setup system-deps demo test bench clean
+PIP     = $(BIN)/pip install -q -c constraints.txt
+
+.PHONY: setup system-deps demo test lint bench clean
 
 setup: system-deps $(VENV)/.installed
 
@@ -22,13 +25,15 @@ system-deps:
 	  fi; \
 	fi
 
-$(VENV)/.installed: pyproject.toml
+# One environment for the demo and the tests: the project with its demo extra (pipeline make-demo) and
+# its test extra (pytest, ruff, ...); the tests run the demo corpus too.
+$(VENV)/.installed: pyproject.toml constraints.txt
 	@command -v $(PYTHON) >/dev/null || { echo "error: $(PYTHON) not found; install Python 3.11 or pass PYTHON=/path/to/python3.11"; exit 1; }
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/pip install -q --upgrade pip
-	# torch first, pinned: the CPU build (a CUDA build would be several GB)
-	$(BIN)/pip install -q torch==2.13.0
-	$(BIN)/pip install -q -e '.[test]'
+	# torch first, on its own: the CPU build from the machine's local wheels (a CUDA build would be several GB)
+	$(PIP) torch==2.13.0
+	$(PIP) -e '.[test,demo]'
 	touch $@
 
 # The main job: demo corpus -> shards -> UME -> UME-MMA (+ baselines) -> results table and plot.
@@ -40,6 +45,10 @@ demo: setup
 
 test: setup
 	$(BIN)/python -m pytest -q tests
+
+# Not yet part of `make test`: see `ruff check . --statistics` for what is left to fix.
+lint: setup
+	$(BIN)/ruff check .
 
 bench: setup
 	$(BIN)/python benchmarks/run.py --quick --out $(WORK)/bench

@@ -4,81 +4,41 @@ The floor is what the build cannot beat: the same decoders (`pipeline.decode.dec
 same frames and audio of the same clips in a process pool of the same size, with no encoding, checking
 or writing. The build is `pipeline.build.build_shards` into a fresh output directory (progress off), so
 it includes everything a user waits for: the adapter scan, decoding, JPEG/WAV encoding and re-decoding,
-tar + index writing and the manifest. Target (the issue): build clips/s >= 0.8 x floor clips/s.
+tar + index writing and the manifest. Target: build clips/s >= 0.8 x floor clips/s: decoding is the work
+a build cannot avoid, so encoding, checking and writing should add at most a quarter to its time.
 
     python benchmarks/build.py --out /tmp/bench-build --clips 64 --workers 1 2 --repeats 3
 
-Corpora: `kinetics` (default) writes Kinetics-400-shaped clips (10 s, 340x256 H.264 at 30 fps, 44.1 kHz
-stereo AAC) in the Kinetics-400 layout and builds `kinetics_sound`; `demo` makes the av_digits demo corpus
-with `pipeline.demo.make_demo` and builds `av_digits`; `--src DIR --dataset NAME` measures an existing
-raw corpus. Writes OUT/build.json and OUT/build.png.
+Corpora: `kinetics` (default) writes Kinetics-400-shaped clips with benchmarks/corpus.py (10 s, 340x256
+H.264 at 30 fps, 44.1 kHz stereo AAC, Kinetics-400 layout) and builds `kinetics_sound`; `demo` makes the
+av_digits demo corpus with `pipeline.demo.make_demo` and builds `av_digits`; `--src DIR --dataset NAME`
+measures an existing raw corpus. Writes OUT/build.json and OUT/build.png.
 """
 from __future__ import annotations
 
 import argparse
-import csv
 import json
-import os
 import shutil
-import subprocess
 import sys
 import time
-from concurrent.futures import ProcessPoolExecutor, ThreadPoolExecutor
+from concurrent.futures import ProcessPoolExecutor
 from dataclasses import asdict
 from pathlib import Path
 from statistics import median
 
-from loader import machine_info  # benchmarks/ is on sys.path when a script there runs
+from matplotlib.figure import Figure
+
+from corpus import CLIP, make_corpus  # benchmarks/ is on sys.path when a script there runs
+from figure import save
+from machine import load_average, machine_info, machine_label
+from pipeline.adapters import ADAPTERS
 from pipeline.build import BuildOptions, build_shards
-from pipeline.datasets import ADAPTERS
 from pipeline.decode import DecodeError, decode_clip
 
-KINETICS_CLASSES = ("playing drums", "playing piano", "playing guitar", "singing", "typing", "bowling")
-KINETICS_SHAPE = {"seconds": 10.0, "size": "340x256", "fps": 30, "audio_rate": 44100, "audio_channels": 2,
-                  "audio_codec": "aac"}
-TARGET_RATIO = 0.8
+TARGET_RATIO = 0.8  # target: build clips/s >= 0.8 x decode-only clips/s
 
 
 # --------------------------------------------------------------------------------------------- corpora
-
-def kinetics_clip(path: Path, seed: int) -> None:
-    """One Kinetics-400-shaped clip: 10 s of moving test pattern with temporal noise (so it compresses
-    like camera footage, not like a cartoon) at 340x256, 30 fps, H.264 with ffmpeg's default GOP, and a
-    44.1 kHz stereo AAC tone."""
-    s = KINETICS_SHAPE
-    video = f"testsrc2=size={s['size']}:rate={s['fps']}:duration={s['seconds']}"
-    audio = f"sine=frequency={220 + 15 * (seed % 40)}:sample_rate={s['audio_rate']}:duration={s['seconds']}"
-    subprocess.run(["ffmpeg", "-v", "error", "-y", "-f", "lavfi", "-i", video, "-f", "lavfi", "-i", audio,
-                    "-vf", f"noise=alls=10:allf=t+u:all_seed={seed}",
-                    "-c:v", "libx264", "-preset", "veryfast", "-pix_fmt", "yuv420p", "-threads", "1",
-                    "-c:a", "aac", "-b:a", "128k", "-ac", str(s["audio_channels"]), str(path)], check=True)
-
-
-def make_kinetics_corpus(root: Path, clips: int, workers: int) -> Path:
-    """`clips` Kinetics-Sound clips in the Kinetics-400 layout (train split); reused when already made."""
-    stamp = root / "corpus.json"
-    params = {"corpus": "kinetics", "clips": clips, **KINETICS_SHAPE}
-    if stamp.is_file() and json.loads(stamp.read_text()) == params:
-        return root
-    if shutil.which("ffmpeg") is None:
-        sys.exit("error: ffmpeg is needed to write the benchmark corpus: apt-get install -y ffmpeg")
-    (root / "train").mkdir(parents=True, exist_ok=True)
-    (root / "annotations").mkdir(exist_ok=True)
-    rows = []
-    for i in range(clips):
-        youtube_id = f"bench{i:05d}xyz"  # 11 characters, like a YouTube id
-        rows.append({"label": KINETICS_CLASSES[i % len(KINETICS_CLASSES)], "youtube_id": youtube_id,
-                     "time_start": 10, "time_end": 20, "split": "train"})
-    with ThreadPoolExecutor(max_workers=workers) as pool:  # each ffmpeg is single-threaded
-        list(pool.map(lambda i: kinetics_clip(root / "train" / f"{rows[i]['youtube_id']}_000010_000020.mp4", i),
-                      range(clips)))
-    with open(root / "annotations" / "train.csv", "w", newline="") as f:
-        writer = csv.DictWriter(f, fieldnames=list(rows[0]))
-        writer.writeheader()
-        writer.writerows(rows)
-    stamp.write_text(json.dumps(params))
-    return root
-
 
 def make_demo_corpus(root: Path, clips: int, workers: int) -> Path:
     """The av_digits demo corpus with `clips` train clips (pipeline.demo.make_demo resumes/reuses)."""
@@ -124,15 +84,11 @@ def full_build(dataset: str, src: Path, out: Path, opts: BuildOptions, workers: 
 
 def plot(result: dict, path: Path) -> None:
     """Grouped bars (build vs floor) per worker count, with build/floor annotated."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
     rows = result["results"]
     xs = range(len(rows))
     width = 0.38
-    fig, ax = plt.subplots(figsize=(1.8 + 1.6 * len(rows), 4.2))
+    fig = Figure(figsize=(1.8 + 1.6 * len(rows), 4.2))
+    ax = fig.subplots()
     floor = ax.bar([x - width / 2 for x in xs], [r["floor_clips_per_s"] for r in rows], width,
                    label="decode-only floor", color="#9aa5b1")
     build = ax.bar([x + width / 2 for x in xs], [r["build_clips_per_s"] for r in rows], width,
@@ -147,12 +103,9 @@ def plot(result: dict, path: Path) -> None:
     ax.set_ylim(0, 1.18 * max(max(r["floor_clips_per_s"], r["build_clips_per_s"]) for r in rows))
     corpus = result["corpus"]
     ax.set_title(f"build-shards vs decode floor: {corpus['clips']} {corpus['name']} clips\n"
-                 f"{result['machine']['cpu']}, {result['machine']['cores']} cores "
-                 f"(ratio build/floor, target {TARGET_RATIO})", fontsize=9)
+                 f"{machine_label(result['machine'])} (ratio build/floor, target {TARGET_RATIO})", fontsize=9)
     ax.legend(loc="upper left", fontsize=8)
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
+    save(fig, path)
 
 
 def run(args: argparse.Namespace) -> dict:
@@ -164,8 +117,8 @@ def run(args: argparse.Namespace) -> dict:
         if not dataset:
             sys.exit("error: --src needs --dataset (one of " + ", ".join(sorted(ADAPTERS)) + ")")
     elif args.corpus == "kinetics":
-        src = make_kinetics_corpus(out / f"raw-kinetics-{args.clips}", args.clips, gen_workers)
-        dataset, corpus = "kinetics_sound", {"name": "kinetics-shaped", **KINETICS_SHAPE}
+        src = make_corpus(out / f"raw-kinetics-{args.clips}", args.clips, workers=gen_workers)
+        dataset, corpus = "kinetics_sound", {"name": "kinetics-shaped", **CLIP}
     else:
         src = make_demo_corpus(out / f"raw-demo-{args.clips}", args.clips, gen_workers)
         dataset, corpus = "av_digits", {"name": "av_digits"}
@@ -178,7 +131,7 @@ def run(args: argparse.Namespace) -> dict:
     # first timed run of either kind is not penalised.
     decode_floor(paths, opts, max(args.workers))
     decode_floor(paths[:2], opts, 1)
-    load_before = os.getloadavg()
+    load_before = load_average()
     timings = {w: {"floor": [], "build": []} for w in args.workers}
     for repeat in range(args.repeats):
         for w in args.workers:  # interleaved, so drift in the machine hits both alike
@@ -201,8 +154,7 @@ def run(args: argparse.Namespace) -> dict:
                         "floor_seconds": [round(s, 3) for s in timings[w]["floor"]]})
     result = {
         "benchmark": "build-shards clips/s vs decode-only floor (same clips, same run)",
-        "machine": dict(machine_info(), load_average_before=[round(x, 2) for x in load_before],
-                        load_average_after=[round(x, 2) for x in os.getloadavg()]),
+        "machine": machine_info(load_before),
         "corpus": corpus,
         "options": {"repeats": args.repeats, "statistic": "median", "workers": args.workers,
                     "build": asdict(opts)},

@@ -12,8 +12,8 @@ youtube_id, time_start, time_end, split), labels drawn from the 31 Kinetics-Soun
 Deterministic: ids, labels, times and every ffmpeg argument are functions of `seed` and the clip index,
 and the encoders run single-threaded with bitexact flags, so the same ffmpeg writes the same bytes. A
 rerun only makes missing clips (written under a temporary name, then renamed). ffmpeg comes from PATH,
-else from the `imageio-ffmpeg` wheel (a static build with libx264), which is how an offline GPU machine
-gets one.
+else from the `imageio-ffmpeg` wheel (a static build with libx264; the project's `bench` extra), for a
+machine without one.
 
     python benchmarks/corpus.py --out /tmp/ks-raw --clips 64 --val-clips 16
 
@@ -39,6 +39,8 @@ from concurrent.futures import ThreadPoolExecutor
 from importlib import resources
 from pathlib import Path
 from typing import NoReturn
+
+from pipeline.build import BuildOptions, build_shards
 
 log = logging.getLogger("benchmarks.corpus")
 CLIP = {"seconds": 10, "width": 340, "height": 256, "fps": 30, "video_codec": "h264 (libx264 defaults)",
@@ -192,6 +194,15 @@ def tile_shards(dataset: Path, dst: Path, times: int, split: str = "train") -> P
         if (dataset / name).is_file():
             os.link(dataset / name, dst / name)
     return dst
+
+
+def build_kinetics_sound(src: Path, out: Path, opts: BuildOptions, workers: int) -> Path:
+    """`pipeline build-shards kinetics_sound` of a corpus into `out` (resumed, or reused when already built);
+    returns the dataset folder."""
+    started = time.perf_counter()
+    build_shards("kinetics_sound", src, out, opts, workers=workers, progress=False)
+    log.info("shards of %s in %s (build or resume %.1f s)", src, out, time.perf_counter() - started)
+    return out / "kinetics_sound"
 
 
 def main(argv: list[str] | None = None) -> int:

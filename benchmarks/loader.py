@@ -27,24 +27,25 @@ import gc
 import json
 import logging
 import os
-import platform
 import resource
-import shutil
 import statistics
-import subprocess
 import sys
 import time
+from collections.abc import Iterable
 from pathlib import Path
-from typing import Iterable
 
 import numpy as np
 import pyarrow.parquet as pq
 import torch
+from matplotlib.figure import Figure
+from matplotlib.ticker import LogLocator, NullFormatter, ScalarFormatter
 from PIL import Image
 from torch.utils.data import DataLoader, Dataset
 
-from corpus import CLIP, make_corpus  # benchmarks/ is on sys.path when a script there runs
-from pipeline.build import BuildOptions, build_shards
+from corpus import CLIP, build_kinetics_sound, make_corpus  # benchmarks/ is on sys.path when a script there runs
+from figure import label_bars, save
+from machine import load_average, machine_info, machine_label
+from pipeline.build import BuildOptions
 from pipeline.decode import decode_clip
 from shards.features import AudioParams, VisualParams, log_mel, mel_filters
 from shards.format import read_dataset_info
@@ -161,46 +162,13 @@ def measure(loader: Iterable[dict], repeats: int, warmup: int = 1) -> dict:
             "cpu_ms_per_sample": round(1000 * statistics.median(c / n for c, n in zip(cpu, counts)), 2)}
 
 
-# ----------------------------------------------------------------------------------------------- machine
-def machine_info() -> dict:
-    cpu = platform.processor() or platform.machine()
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                cpu = line.split(":", 1)[1].strip()
-                break
-    except OSError:
-        pass
-    gpu = None
-    if torch.cuda.is_available():
-        gpu = torch.cuda.get_device_name(0)
-    elif shutil.which("nvidia-smi"):
-        out = subprocess.run(["nvidia-smi", "--query-gpu=name", "--format=csv,noheader"], capture_output=True,
-                             text=True)
-        gpu = out.stdout.strip().splitlines()[0] if out.returncode == 0 and out.stdout.strip() else None
-    dali = None
-    if dali_available():
-        import nvidia.dali
-
-        dali = nvidia.dali.__version__
-    return {"cpu": cpu, "cores": len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count(),
-            "gpu": gpu, "platform": platform.platform(), "python": platform.python_version(),
-            "torch": torch.__version__, "dali": dali,
-            "load_average_1min_after": round(os.getloadavg()[0], 2) if hasattr(os, "getloadavg") else None}
-
-
 # ----------------------------------------------------------------------------------------------- plot
 def plot(results: dict, path: Path) -> None:
     """Bars per loader and drop probability: samples/s (log scale) and CPU-ms per sample."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-    from matplotlib.ticker import LogLocator, NullFormatter, ScalarFormatter
-
     loaders = [name for name in ("raw", "torch", "dali_cpu", "dali_gpu") if f"{name}_p0" in results["configs"]]
     drops = results["params"]["drops"]
-    fig, axes = plt.subplots(1, 2, figsize=(3.0 + 3.2 * len(loaders), 4.2))
+    fig = Figure(figsize=(3.0 + 3.2 * len(loaders), 4.2))
+    axes = fig.subplots(1, 2)
     width = 0.8 / len(drops)
     for ax, metric, label in ((axes[0], "samples_per_s", "samples / s (log scale; higher is better)"),
                               (axes[1], "cpu_ms_per_sample", "CPU-ms per sample (lower is better)")):
@@ -208,9 +176,7 @@ def plot(results: dict, path: Path) -> None:
             values = [results["configs"][f"{name}_p{p:g}"][metric] for name in loaders]
             xs = [i + (j - (len(drops) - 1) / 2) * width for i in range(len(loaders))]
             bars = ax.bar(xs, values, width, label=f"drop p={p:g}")
-            for bar, v in zip(bars, values):
-                ax.annotate(f"{v:.0f}" if v >= 10 else f"{v:.1f}", (bar.get_x() + bar.get_width() / 2, v),
-                            ha="center", va="bottom", fontsize=8)
+            label_bars(ax, bars, [f"{v:.0f}" if v >= 10 else f"{v:.1f}" for v in values])
         ax.set_xticks(range(len(loaders)), loaders)
         ax.set_ylabel(label, fontsize=9)
         ax.legend(fontsize=8)
@@ -222,17 +188,14 @@ def plot(results: dict, path: Path) -> None:
     axes[0].yaxis.set_minor_formatter(NullFormatter())
     m, prm = results["machine"], results["params"]
     fig.suptitle(f"loader throughput: {prm['samples']} samples, batch {prm['batch_size']}, crop {prm['crop']}, "
-                 f"{prm['n_mels']} mels, training augmentation\n{m['cpu'][:48]}, {m['cores']} cores"
-                 + (f", {m['gpu']}" if m["gpu"] else "") + f" (load {m['load_average_1min_before']} at start)",
-                 fontsize=9)
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
+                 f"{prm['n_mels']} mels, training augmentation\n{machine_label(m)} "
+                 f"(load {m['load_average_before'][0]} at start)", fontsize=9)
+    save(fig, path)
 
 
 # ----------------------------------------------------------------------------------------------- main
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
-    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+    cores = len(os.sched_getaffinity(0))
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--src", type=Path,
                         help="raw kinetics_sound corpus (Kinetics-400 layout); default: generate one")
@@ -259,25 +222,20 @@ def main(argv: list[str] | None = None) -> dict:
     logging.getLogger("shards").setLevel(logging.WARNING)
     args.out.mkdir(parents=True, exist_ok=True)
     src = args.src or make_corpus(args.out / "raw", args.n_clips, 0, args.workers)
-    opts = BuildOptions(n_mels=args.n_mels, shard_size=args.shard_size)
-    shards_root = args.out / f"shards_mels{args.n_mels}_ss{args.shard_size}"
-    started = time.perf_counter()
-    build_shards("kinetics_sound", src, shards_root, opts, workers=args.workers, progress=False)
-    build_s = time.perf_counter() - started
-    dataset = shards_root / "kinetics_sound"
+    dataset = build_kinetics_sound(src, args.out / f"shards_mels{args.n_mels}_ss{args.shard_size}",
+                                   BuildOptions(n_mels=args.n_mels, shard_size=args.shard_size), args.workers)
     info = read_dataset_info(dataset)
     n = info.splits[SPLIT]["samples"]
     if n < args.batch_size:
         raise SystemExit(f"{n} samples is fewer than one batch of {args.batch_size}; lower --batch-size")
-    log.info("%d samples in %s (build/resume %.1f s); %d workers, batch %d", n, dataset, build_s, args.workers,
-             args.batch_size)
+    log.info("%d samples in %s; %d workers, batch %d", n, dataset, args.workers, args.batch_size)
 
     loaders = args.only or ["raw", "torch"] + (["dali_cpu"] if dali_available() else []) + \
         (["dali_gpu"] if args.device == "gpu" else [])
     if ("dali_cpu" in loaders or "dali_gpu" in loaders) and not dali_available():
         raise SystemExit("DALI is not installed; run with --only raw torch")
     drops = [0.0, args.drop]
-    load_before = round(os.getloadavg()[0], 2) if hasattr(os, "getloadavg") else None
+    load_before = load_average()
     configs: dict[str, dict] = {}
     manifest = pq.read_table(dataset / "manifest.parquet", columns=["key", "split", "label", "source"]).to_pylist()
     rows = [r for r in manifest if r["split"] == SPLIT]
@@ -306,7 +264,7 @@ def main(argv: list[str] | None = None) -> dict:
 
     results = {
         "benchmark": "loader",
-        "machine": {**machine_info(), "load_average_1min_before": load_before},  # other load skews timings
+        "machine": machine_info(load_before),
         "params": {"samples": n, "batch_size": args.batch_size, "repeats": args.repeats, "workers": args.workers,
                    "crop": args.crop, "n_mels": args.n_mels, "frames": info.visual["frames"],
                    "audio_seconds": info.audio["seconds"], "stored_short_side": info.visual["short_side"],

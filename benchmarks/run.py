@@ -32,12 +32,12 @@ import sys
 import threading
 import time
 from dataclasses import asdict, dataclass, field, replace
-from datetime import datetime, timezone
-from importlib import metadata
+from datetime import UTC, datetime
 from pathlib import Path
 
 from corpus import CLIP, fail, make_corpus, subset
-from loader import machine_info
+from machine import gpu_count, load_average, machine_info
+from shards.loader import dali_available
 
 log = logging.getLogger("benchmarks.run")
 HERE = Path(__file__).resolve().parent
@@ -80,28 +80,13 @@ def make_profile(device: str, quick: bool, cores: int, gpus: int) -> Profile:
 
 
 # --------------------------------------------------------------------------------------------- machine
-def describe_machine() -> dict:
-    """benchmarks/loader.py's machine description, plus memory, Ray and the load average."""
-    mem = next((int(line.split()[1]) // 1024 ** 2 for line in Path("/proc/meminfo").read_text().splitlines()
-                if line.startswith("MemTotal")), None)
-    return dict(machine_info(), memory_gib=mem, total_cores=os.cpu_count(), ray=metadata.version("ray"),
-                load_average=[round(x, 2) for x in os.getloadavg()])
-
-
 def check_gpu() -> int:
     """The number of CUDA GPUs; exits with what to fix when there is none or DALI is missing."""
-    import torch
-
-    from shards.loader import dali_available
-
-    if not torch.cuda.is_available():
-        fail(f"error: --device gpu, but torch {torch.__version__} sees no CUDA GPU "
-                         "(torch.cuda.is_available() is False); run on a GPU machine (benchmarks/gpu.sh) or use "
-                         "--device cpu")
+    gpus = gpu_count()
     if not dali_available():
-        fail("error: --device gpu needs NVIDIA DALI (pip install nvidia-dali-cuda130 or -cuda120; "
-                         "offline: see benchmarks/README.md)")
-    return torch.cuda.device_count()
+        fail("error: --device gpu needs NVIDIA DALI: pip install -e . installs its CUDA 12 build "
+             "(nvidia-dali-cuda120), the gpu-cuda13 extra the CUDA 13 one")
+    return gpus
 
 
 # --------------------------------------------------------------------------------------------- running
@@ -124,7 +109,7 @@ def run_benchmark(name: str, args: list[str], out: Path, limit: float | None) ->
     cmd = [sys.executable, "-u", str(HERE / f"{name}.py"), *args]
     (out / "logs").mkdir(parents=True, exist_ok=True)
     log.info("running %s", shlex.join(cmd))
-    started, load_before = time.perf_counter(), os.getloadavg()[0]
+    started, load_before = time.perf_counter(), load_average()[0]
     with open(out / "logs" / f"{name}.log", "w") as logfile:
         logfile.write(shlex.join(cmd) + "\n")
         proc = subprocess.Popen(cmd, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
@@ -140,7 +125,7 @@ def run_benchmark(name: str, args: list[str], out: Path, limit: float | None) ->
             timer.cancel()
     seconds = round(time.perf_counter() - started, 1)
     run = {"seconds": seconds, "command": shlex.join(cmd),
-           "load_average_1min": [round(load_before, 2), round(os.getloadavg()[0], 2)]}
+           "load_average_1min": [load_before, load_average()[0]]}
     timed_out = limit is not None and seconds >= limit
     json_path = out / name / f"{name}.json"
     if rc != 0 or not json_path.is_file():
@@ -256,7 +241,7 @@ def write_report(out: Path, state: dict) -> None:
              f"GPU: {m['gpu'] or 'none'}; {m['platform']}",
              f"- **Software**: Python {m['python']}, torch {m['torch']}, DALI {m['dali'] or 'not installed'}, "
              f"Ray {m['ray']}",
-             f"- **Load average** (1, 5, 15 min) at start {m['load_average']}, at end "
+             f"- **Load average** (1, 5, 15 min) at start {m['load_average_before']}, at end "
              f"{state.get('load_average_end', '-')} — other jobs share this machine when it is above the core count",
              f"- **Corpus**: {c['clips']} train + {c['val_clips']} val Kinetics-Sound-shaped clips "
              f"({CLIP['seconds']} s, {CLIP['width']}x{CLIP['height']} H.264 {CLIP['fps']} fps, AAC "
@@ -266,7 +251,7 @@ def write_report(out: Path, state: dict) -> None:
              "Every figure is a median of several runs; every comparison is a ratio of numbers measured in this run.",
              ""]
     targets = []
-    for name, (title, _) in SECTIONS.items():
+    for name in SECTIONS:
         r = state["benchmarks"].get(name)
         if r and r["ok"]:
             if name == "build":
@@ -324,9 +309,9 @@ def main(argv: list[str] | None = None) -> int:
     profile = replace(profile, clips=args.clips or profile.clips, repeats=args.repeats or profile.repeats,
                       build_clips=min(profile.build_clips, args.clips or profile.clips))
     state = {"command": shlex.join(["python", "benchmarks/run.py", *(argv if argv is not None else sys.argv[1:])]),
-             "started": datetime.now(timezone.utc).strftime("%Y-%m-%d %H:%M UTC"), "machine": describe_machine(),
-             "profile_name": f"{args.device}{'-quick' if args.quick else ''}", "profile": asdict(profile),
-             "benchmarks": {}}
+             "started": datetime.now(UTC).strftime("%Y-%m-%d %H:%M UTC"),
+             "machine": machine_info(load_average()), "profile_name": f"{args.device}{'-quick' if args.quick else ''}",
+             "profile": asdict(profile), "benchmarks": {}}
     log.info("profile %s: %s", state["profile_name"], state["profile"])
 
     corpus_started = time.perf_counter()
@@ -337,7 +322,7 @@ def main(argv: list[str] | None = None) -> int:
                        "build_subset": profile.build_clips, "seconds": round(time.perf_counter() - corpus_started, 1),
                        **CLIP}
     write_report(out, state)
-    # GPU-critical benchmarks first, so a run cut short by gpu.sh's time limit still reports them.
+    # GPU-critical benchmarks first, so a run cut short by --time-limit still reports them.
     for name in ("loader", "train", "build"):
         if name in args.only:
             left = None if args.time_limit is None else max(1.0, args.time_limit - (time.perf_counter() - started))
@@ -345,7 +330,7 @@ def main(argv: list[str] | None = None) -> int:
                                                                            build_src, cores), out, left)
             write_report(out, state)
     state["seconds"] = round(time.perf_counter() - started)
-    state["load_average_end"] = [round(x, 2) for x in os.getloadavg()]
+    state["load_average_end"] = load_average()
     write_report(out, state)
     log.info("wrote %s and %s (%d s)", out / "report.md", out / "report.json", state["seconds"])
     return 0 if all(r["ok"] for r in state["benchmarks"].values()) else 1
