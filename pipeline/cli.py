@@ -66,7 +66,8 @@ def _adapter_options(args: argparse.Namespace) -> dict:
     given = {"classes_file": (Path(args.classes) if args.classes else None, "--classes"),
              "split_lists": (split_lists, "--split-list"), "duplicates": (args.duplicates, "--duplicates"),
              "split_json": (Path(args.split_json) if args.split_json else None, "--split-json"),
-             "class_index": (Path(args.class_index) if args.class_index else None, "--class-index")}
+             "class_index": (Path(args.class_index) if args.class_index else None, "--class-index"),
+             "manifest_file": (Path(args.manifest) if args.manifest else None, "--manifest")}
     accepted = inspect.signature(ADAPTERS[args.dataset]).parameters if args.dataset in ADAPTERS else {}
     for name, (value, flag) in given.items():
         if value is not None and name not in accepted:
@@ -146,6 +147,8 @@ def build_parser() -> argparse.ArgumentParser:
     build.add_argument("--ray", nargs="?", const="", default=None, metavar="ADDRESS",
                        help="run shard tasks on a Ray cluster (address, or empty for RAY_ADDRESS/local); "
                             "--out must be storage every node sees")
+    build.add_argument("--manifest", default=None, metavar="FILE",
+                       help="manifest: the manifest (.csv, .jsonl or .parquet; default: manifest.* in --src)")
     build.add_argument("--classes", default=None, help="kinetics_sound: file with the class names to keep")
     build.add_argument("--split-list", action="append", default=None, metavar="SPLIT=FILE",
                        help="kinetics_sound: take the samples of SPLIT from a lineage split list instead of the "

@@ -150,3 +150,27 @@ def decode_clip(path: Path, n_frames: int, fps: float, sample_rate: int) -> Clip
                 f"(below {MIN_AUDIO_FRACTION:.0%}); treated as missing")
         return Clip(frames, None, duration, note, times)
     return Clip(frames, audio, duration, frame_times=times)
+
+
+def decode_audio_file(path: Path, sample_rate: int) -> tuple[np.ndarray, float]:
+    """(int16 mono audio at `sample_rate`, declared duration in s) of an audio file (wav, flac, mp3,
+    m4a/aac, ogg) or of a video's audio track; raises DecodeError when it has no usable audio, including
+    audio much shorter than its container declares (silent truncation)."""
+    if not path.is_file():
+        raise DecodeError("source", f"file not found: {path}")
+    try:
+        with av.open(str(path)) as container:
+            if not container.streams.audio:
+                raise DecodeError("audio", "no audio stream")
+            declared = (_stream_seconds(container.streams.audio[0])
+                        or _seconds(container.duration, 1 / av.time_base) or 0.0)
+    except DecodeError:
+        raise
+    except (av.FFmpegError, UnicodeDecodeError, ValueError, OSError) as exc:
+        raise DecodeError("probe", f"not a readable media file ({type(exc).__name__}: {exc})") from exc
+    audio = decode_audio(path, sample_rate)
+    got = len(audio) / sample_rate
+    if got == 0 or got < MIN_AUDIO_FRACTION * declared:
+        raise DecodeError("audio", f"audio truncated: decoded {got:.2f} s of {declared:.2f} s declared "
+                                   f"(below {MIN_AUDIO_FRACTION:.0%})")
+    return audio, declared
