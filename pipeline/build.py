@@ -31,7 +31,7 @@ from typing import Any, Iterator
 import pyarrow.parquet as pq
 from tqdm import tqdm
 
-from pipeline.adapters import ADAPTERS, SPLITS, Corpus, Reject, Sample
+from pipeline.adapters import SPLITS, Corpus, Reject, Sample, adapters
 from pipeline.decode import DecodeError
 from pipeline.merge import merge_parts, reject_table, write_parquet
 from pipeline.options import BuildContext, BuildOptions, SourceError
@@ -261,11 +261,12 @@ def build_shards(dataset: str, src: Path, out_root: Path, opts: BuildOptions, wo
                  adapter_options: dict[str, Any] | None = None) -> DatasetInfo:
     """Build (or finish building) OUT/<dataset>; returns what dataset.json records. `adapter_options` are
     keyword arguments of the dataset's adapter (e.g. kinetics_sound's `classes_file`, `split_lists`)."""
-    if dataset not in ADAPTERS:
-        raise SourceError(f"unknown dataset {dataset!r}; choose one of {', '.join(sorted(ADAPTERS))}")
+    known = adapters()
+    if dataset not in known:
+        raise SourceError(f"unknown dataset {dataset!r}; choose one of {', '.join(sorted(known))}")
     opts.check()
     kwargs = {k: v for k, v in (adapter_options or {}).items() if v is not None}
-    corpus: Corpus = ADAPTERS[dataset](src, **kwargs)
+    corpus: Corpus = known[dataset](src, **kwargs)
     _log_adapter_notes(corpus)
     if not corpus.samples:
         out = prepare_out(out_root, dataset)

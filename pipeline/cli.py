@@ -7,7 +7,7 @@ import logging
 import sys
 from pathlib import Path
 
-from pipeline.adapters import ADAPTERS, SPLITS, SourceError
+from pipeline.adapters import SPLITS, SourceError, adapters
 from shards.format import FormatError
 
 log = logging.getLogger("pipeline")
@@ -68,7 +68,8 @@ def _adapter_options(args: argparse.Namespace) -> dict:
              "split_json": (Path(args.split_json) if args.split_json else None, "--split-json"),
              "class_index": (Path(args.class_index) if args.class_index else None, "--class-index"),
              "manifest_file": (Path(args.manifest) if args.manifest else None, "--manifest")}
-    accepted = inspect.signature(ADAPTERS[args.dataset]).parameters if args.dataset in ADAPTERS else {}
+    known = adapters()
+    accepted = inspect.signature(known[args.dataset]).parameters if args.dataset in known else {}
     for name, (value, flag) in given.items():
         if value is not None and name not in accepted:
             raise UsageError(f"{flag} does not apply to {args.dataset}")
@@ -122,7 +123,8 @@ def build_parser() -> argparse.ArgumentParser:
                                        "shards with DALI indexes, manifest.parquet, rejects.parquet and "
                                        "dataset.json under OUT/<dataset>. Rerunning resumes an interrupted build.",
                            formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    build.add_argument("dataset", help=f"dataset adapter: {', '.join(sorted(ADAPTERS))}")
+    build.add_argument("dataset", help=f"dataset adapter: {', '.join(sorted(adapters()))} (more from packages "
+                                       f"that declare the ume_mma.adapters entry point)")
     build.add_argument("--src", required=True, help="root of the raw corpus")
     build.add_argument("--out", required=True, help="output root; shards go to OUT/<dataset>")
     build.add_argument("--frames", type=int, default=3, help="frames kept per clip")

@@ -174,3 +174,46 @@ def test_a_malformed_manifest_exits_2_in_one_line(columns: list[str], message: s
     assert main(["-q", "build-shards", "manifest", "--src", str(root), "--out", str(tmp_path / "o")]) == 2
     err = capsys.readouterr().err
     assert message in err and len(err.strip().splitlines()) == 1
+
+
+# --------------------------------------------------------------------------------- adapter plugins
+
+PLUGIN = '''
+"""An adapter of another package: a folder of <label>/<name>.jpg images, all in train except test/."""
+from pathlib import Path
+
+from pipeline.adapters import Corpus, Sample
+from pipeline.adapters.vision_language import IMAGE_TEXT
+
+
+def folder_images(src: Path) -> Corpus:
+    files = sorted(src.rglob("*.jpg"))
+    classes = sorted({p.parent.name for p in files})
+    samples = [Sample(f"{p.parent.parent.name}_{p.parent.name}_{p.stem}", p.parent.parent.name,
+                      classes.index(p.parent.name), p.relative_to(src).as_posix(), kind="image_text")
+               for p in files]
+    return Corpus("folder_images", ["visual"], classes, samples, [], IMAGE_TEXT)
+'''
+
+
+def test_an_adapter_of_another_package_is_listed_and_builds(tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+                                                            capsys: pytest.CaptureFixture) -> None:
+    site = tmp_path / "site"
+    (site / "folder_plugin").mkdir(parents=True)
+    (site / "folder_plugin" / "__init__.py").write_text(PLUGIN)
+    dist = site / "folder_plugin-0.1.dist-info"
+    dist.mkdir()
+    (dist / "METADATA").write_text("Metadata-Version: 2.1\nName: folder-plugin\nVersion: 0.1\n")
+    (dist / "entry_points.txt").write_text("[ume_mma.adapters]\nfolder_images = folder_plugin:folder_images\n")
+    monkeypatch.syspath_prepend(str(site))
+    with pytest.raises(SystemExit):
+        main(["build-shards", "--help"])
+    assert "folder_images" in capsys.readouterr().out
+    src = tmp_path / "images"
+    for split in ("train", "test"):
+        for c in range(2):
+            class_image(src / split / f"class{c}" / f"{split}{c}.jpg", c, 0)
+    assert main(["-q", "build-shards", "folder_images", "--src", str(src), "--out", str(tmp_path / "out"),
+                 "--size", "32"]) == 0
+    info = read_dataset_info(tmp_path / "out" / "folder_images")
+    assert info.modalities == ["visual"] and info.splits["train"]["samples"] == 2

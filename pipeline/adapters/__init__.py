@@ -1,7 +1,17 @@
 """Dataset adapters, one module per family: each reads a raw corpus in its public release's own layout
-and lists its samples (`Corpus`), with the `SampleKind` that encodes them."""
+and lists its samples (`Corpus`), with the `SampleKind` that encodes them.
+
+Another package adds an adapter without editing this one by declaring an entry point in the group
+`ume_mma.adapters` (`name = "module:function"`, the function taking `src: Path` and keyword options and
+returning a `Corpus`); `pipeline build-shards --help` lists it. In its pyproject.toml:
+
+    [project.entry-points."ume_mma.adapters"]
+    my_corpus = "my_package.adapter:my_corpus"
+"""
 from __future__ import annotations
 
+import logging
+from importlib.metadata import entry_points
 from typing import Callable
 
 from pipeline.adapters.arrays import av_mnist
@@ -20,4 +30,24 @@ ADAPTERS: dict[str, Callable[..., Corpus]] = {
     "manifest": manifest,
 }
 
-__all__ = ["ADAPTERS", "MMIMDB_GENRES", "SPLITS", "Corpus", "Reject", "Sample", "SampleKind", "SourceError"]
+ENTRY_POINT_GROUP = "ume_mma.adapters"
+log = logging.getLogger(__name__)
+
+
+def adapters() -> dict[str, Callable[..., Corpus]]:
+    """The built-in adapters and those other installed packages declare in `ENTRY_POINT_GROUP` (a plugin
+    may not replace a built-in name; one that fails to load is skipped with a warning)."""
+    found = dict(ADAPTERS)
+    for ep in sorted(entry_points(group=ENTRY_POINT_GROUP), key=lambda e: e.name):
+        if ep.name in found:
+            log.warning("adapter plugin %s (%s) ignored: %r is a built-in adapter", ep.name, ep.value, ep.name)
+            continue
+        try:
+            found[ep.name] = ep.load()
+        except Exception as exc:  # a broken plugin must not break the built-in adapters
+            log.warning("adapter plugin %s (%s) could not be loaded: %s: %s", ep.name, ep.value,
+                        type(exc).__name__, exc)
+    return found
+
+
+__all__ = ["ADAPTERS", "ENTRY_POINT_GROUP", "adapters", "MMIMDB_GENRES", "SPLITS", "Corpus", "Reject", "Sample", "SampleKind", "SourceError"]
