@@ -39,10 +39,11 @@ def encode_arrays(sample: Sample, src: Path, opts: BuildOptions, ctx: BuildConte
 
 
 def digit_visual_info(opts: BuildOptions) -> dict:
-    """The 28x28 digit as one frame, MNIST normalisation."""
+    """The 28x28 digit as one frame, normalised as MultiBench's `datasets/avmnist/get_data.py` does: the
+    grey values /255, no mean or std."""
     side = min(28, opts.size)
     return {"frames": 1, "short_side": side, "format": "jpeg", "jpeg_quality": opts.jpeg_quality,
-            "crop": side, "source": "array", "mean": [0.1307] * 3, "std": [0.3081] * 3}
+            "crop": side, "source": "array", "mean": [0.0] * 3, "std": [1.0] * 3}
 
 
 def spectrogram_audio_info(opts: BuildOptions, rows: list[dict], shape: list[int]) -> dict:
