@@ -5,24 +5,42 @@ then the training augmentation or the evaluation scenario) and only decodes thos
 takes the `else` branch, which yields zeros without touching its bytes. With a GPU, JPEGs are decoded by
 nvJPEG (`mixed`) and the spectrogram, mel filter bank and decibels run on the GPU; without one
 (`device_id=None`) everything runs on the CPU. Stored spectrograms (FLOAT) and token ids (INT32) are read
-as typed members whose first 128 bytes (the .npy header) are sliced off, as the label is."""
+as typed members whose first 128 bytes (the .npy header) are sliced off, as the label is.
+
+Shuffling. DALI's `fn.readers.webdataset` reads its `paths` in the order given, each tar sequentially;
+`num_shards`/`shard_id` cut that concatenated sample list into contiguous parts, one per pipeline (the rule
+of `shards.samples.shard_range`); `stick_to_shard` keeps a pipeline on its own part instead of moving on
+to the next part each epoch; `pad_last_batch` repeats a part's last sample so that every pipeline returns
+the same number of batches. With `random_shuffle` it fills a buffer of `initial_fill` samples read in order
+and draws each output at random from it, refilling it as it goes: it "shuffles the data only locally", so
+samples read far apart rarely share a batch. Sources: DALI 2.4's docs of `nvidia.dali.fn.readers.webdataset`
+and "Sharding and Shuffling" (docs.nvidia.com/deeplearning/dali/archives/dali_2_4_0/user-guide/, pages
+operations/nvidia.dali.fn.readers.webdataset.html and advanced_topics_sharding.html), and the maintainers'
+answers in NVIDIA/DALI#5429 and #5441. The build already orders each split by a seeded hash of the key, so
+every shard mixes classes; on top of that a training epoch reads the tars in an order fixed by (seed,
+epoch) (`epoch_tars`) and the buffer holds about two shards' samples (`shuffle_buffer`). DALI's own
+`shuffle_after_epoch` is not used: it cannot be combined with `stick_to_shard`, and it reshuffles only
+after an epoch of one pipeline, while this loader builds a pipeline per epoch so that a fresh loader (or a
+resume) at epoch e reproduces epoch e."""
 from __future__ import annotations
 
+from collections.abc import Iterator
 from pathlib import Path
-from typing import Iterator
 
 import numpy as np
 import torch
 from nvidia.dali import Pipeline, fn, pipeline_def, types
-from nvidia.dali.pipeline import do_not_convert
 from nvidia.dali.backend import TensorListCPU
+from nvidia.dali.pipeline import do_not_convert
 
 from shards.features import DB_OFFSET, DB_SCALE, ModalityParams, modality_params
-from shards.format import DatasetInfo, NPY_HEADER_BYTES, frame_member
+from shards.format import NPY_HEADER_BYTES, DatasetInfo, frame_member
 from shards.samples import FrameSizeError, SampleRef, shard_range, training_steps
-from shards.scenarios import DropSpec
+from shards.scenarios import DropSpec, key_uniform
 
 READER = "reader"
+FILL_SHARDS = 2  # the shuffle buffer holds this many shards' samples (the largest shard of the split) ...
+FILL_MAX_BYTES = 256 * 2**20  # ... but no more than this many bytes of stored samples (by the mean sample size)
 
 
 class DecodeFailure(RuntimeError):
@@ -32,7 +50,7 @@ class DecodeFailure(RuntimeError):
 
 @pipeline_def(enable_conditionals=True)
 def multimodal_pipeline(tars: list[str], idxs: list[str], modalities: list[str], params: ModalityParams,
-                        gpu: bool, train: bool, shard_id: int, num_shards: int, rng_seed: int,
+                        gpu: bool, train: bool, shard_id: int, num_shards: int, initial_fill: int, rng_seed: int,
                         augment: DropSpec | None, eval_keep: np.ndarray | None, label_dtype: types.DALIDataType,
                         min_crop_area: float, flip: bool):
     """Per sample, in this order, each output only for a modality of the dataset: frames [T, 3, H, W];
@@ -52,8 +70,8 @@ def multimodal_pipeline(tars: list[str], idxs: list[str], modalities: list[str],
         dtypes.append(types.INT32)
     members = fn.readers.webdataset(
         paths=tars, index_paths=idxs, ext=exts + ["label.npy"], missing_component_behavior="empty",
-        dtypes=dtypes + [label_dtype], random_shuffle=train, initial_fill=256, seed=rng_seed, shard_id=shard_id,
-        num_shards=num_shards, pad_last_batch=True, stick_to_shard=True, name=READER)
+        dtypes=dtypes + [label_dtype], random_shuffle=train, initial_fill=initial_fill, seed=rng_seed,
+        shard_id=shard_id, num_shards=num_shards, pad_last_batch=True, stick_to_shard=True, name=READER)
     members, label = list(members[:-1]), members[-1]
     jpegs = [members.pop(0) for _ in range(visual.frames)] if visual is not None else []
     sound = members.pop(0) if audio is not None or spec is not None else None
@@ -166,6 +184,28 @@ def _cycle_batches(rows: np.ndarray):
     return source
 
 
+def epoch_tars(tars: list[str], seed: int, epoch: int) -> list[str]:
+    """The order in which a training epoch reads the split's tars: sorted by a hash of each tar's path
+    inside the dataset (`<split>/NNNNNN.tar`) with (seed, epoch), so it is the same on every worker
+    (wherever the dataset is mounted) and on a resume, and differs from epoch to epoch."""
+    salt = f"tar-order:{epoch}"
+    return sorted(tars, key=lambda tar: (key_uniform("/".join(Path(tar).parts[-2:]), seed, salt), tar))
+
+
+def shuffle_buffer(info: DatasetInfo, tars: list[str], batch_size: int, part: int) -> int:
+    """`initial_fill` for the reader: FILL_SHARDS times the largest shard of these tars as recorded in
+    dataset.json, at most FILL_MAX_BYTES of stored samples (at the shards' mean bytes per sample), at least
+    one batch, and no more than the worker's part (a buffer that holds the whole part permutes it fully)."""
+    recorded = {shard.path: shard for shard in info.shards}
+    shards = [recorded[rel] for rel in ("/".join(Path(tar).parts[-2:]) for tar in tars) if rel in recorded]
+    samples = sum(s.samples for s in shards)
+    if not samples:
+        return max(1, min(batch_size, part))
+    by_bytes = int(FILL_MAX_BYTES / (sum(s.bytes for s in shards) / samples))
+    fill = max(batch_size, min(FILL_SHARDS * max(s.samples for s in shards), by_bytes))
+    return max(1, min(fill, part))
+
+
 class DaliLoader:
     """Iterates batches of one worker's part of a split, as dicts of torch tensors (see DESIGN.md)."""
 
@@ -181,18 +221,22 @@ class DaliLoader:
         self.batches_done = 0
         self.modalities = list(info.modalities)
         self._refs = refs
+        self._by_tar: dict[str, list[SampleRef]] = {}
+        for ref in refs:
+            self._by_tar.setdefault(ref.tar, []).append(ref)
+        self._tars = list(self._by_tar)  # dataset.json order
         self._range = shard_range(len(refs), shard_id, num_shards)
-        self._sized = {refs[i].key: refs[i] for i in self._range if refs[i].frame_size}  # recorded frame sizes
+        self._part: list[SampleRef] = []  # this worker's samples in the epoch's reader order (set per pipeline)
+        self._sized: dict[str, SampleRef] = {}  # key -> ref of the part's samples with a recorded frame size
         self._params = modality_params(info, crop)
         self._multilabel = info.multilabel
         self._outputs = [m for m in ("visual", "audio", "text") if m in self.modalities]
+        self.initial_fill = shuffle_buffer(info, self._tars, batch_size, len(self._range))
         self._kwargs = dict(
-            tars=sorted({r.tar for r in refs}, key=[r.tar for r in refs].index),
             modalities=self.modalities, params=self._params, gpu=self.gpu, train=train, shard_id=shard_id,
-            num_shards=num_shards, augment=augment,
+            num_shards=num_shards, initial_fill=self.initial_fill, augment=augment,
             eval_keep=None if eval_keep is None else eval_keep[self._range.start:self._range.stop],
             label_dtype=types.FLOAT if info.multilabel else types.INT64, min_crop_area=min_crop_area, flip=flip)
-        self._kwargs["idxs"] = [str(Path(t).with_suffix(".idx")) for t in self._kwargs["tars"]]
         self._num_threads = num_threads
         self._device_id = device_id if self.gpu else None
         self._seed, self._shard_id, self._num_shards = seed, shard_id, num_shards
@@ -208,6 +252,8 @@ class DaliLoader:
     def _build(self) -> None:
         """A pipeline for the current epoch: its shuffle and masks depend on (seed, epoch, shard) only, so
         an epoch is a fresh pass over the shard and a new loader at epoch e reproduces epoch e."""
+        self._part = self.epoch_samples()
+        self._sized = {ref.key: ref for ref in self._part if ref.frame_size}
         self._pipe = self.make_pipeline()
         self._pipe.build()
         self._pipe_epoch = self.epoch
@@ -216,14 +262,27 @@ class DaliLoader:
                 self._pipe.run()
         self._checkpoint = None
 
+    def reader_tars(self) -> list[str]:
+        """The tars in the order the current epoch's reader gets them: permuted per (seed, epoch) in training
+        (the same list on every worker, so `shard_id`/`num_shards` still partition the split), dataset.json
+        order in evaluation."""
+        return epoch_tars(self._tars, self._seed, self.epoch) if self.train else list(self._tars)
+
+    def epoch_samples(self) -> list[SampleRef]:
+        """This worker's samples for the current epoch, in the order its reader reads them (before the
+        buffer shuffle): its `shard_range` of the samples of `reader_tars()` in turn."""
+        ordered = [ref for tar in self.reader_tars() for ref in self._by_tar[tar]]
+        return [ordered[i] for i in shard_range(len(ordered), self._shard_id, self._num_shards)]
+
     def make_pipeline(self) -> Pipeline:
         """The (unbuilt) pipeline of the current epoch. Defining its graph needs no device, so a machine
         without a GPU can check the GPU graph (`make_pipeline()._build_graph()`): devices and layouts."""
         rng_seed = (self._seed * 1_000_003 + self.epoch * 7_919 + self._shard_id) % 2**31
+        tars = self.reader_tars()
         return multimodal_pipeline(
-            **self._kwargs, rng_seed=rng_seed, batch_size=self.batch_size, num_threads=self._num_threads,
-            device_id=self._device_id, seed=rng_seed, enable_checkpointing=self.train,
-            checkpoint=self._checkpoint, prefetch_queue_depth=2, exec_dynamic=True)
+            **self._kwargs, tars=tars, idxs=[str(Path(t).with_suffix(".idx")) for t in tars], rng_seed=rng_seed,
+            batch_size=self.batch_size, num_threads=self._num_threads, device_id=self._device_id, seed=rng_seed,
+            enable_checkpointing=self.train, checkpoint=self._checkpoint, prefetch_queue_depth=2, exec_dynamic=True)
 
     def state_dict(self) -> dict:
         """Epoch, batches consumed and the DALI checkpoint (reader position and random state)."""
@@ -259,7 +318,7 @@ class DaliLoader:
             if frame_shapes is not None and self._sized:
                 self._check_frame_sizes(frame_shapes, keys[:count])
             if not self.train:
-                expected = [self._refs[self._range[start + i]].key for i in range(count)]
+                expected = [self._part[start + i].key for i in range(count)]
                 if keys[:count] != expected:
                     raise RuntimeError(f"DALI reader order differs from the index order at batch {self.batches_done}: "
                                        f"{keys[:3]} vs {expected[:3]}")
@@ -302,8 +361,7 @@ class DaliLoader:
         (DALI stops the whole pipeline, e.g. when one sample's frames cannot be stacked)."""
         from shards.verify import _decode_member
 
-        for i in self._range:
-            ref = self._refs[i]
+        for ref in self._part:
             with open(ref.tar, "rb") as f:
                 for ext, (offset, size) in ref.members.items():
                     f.seek(offset)

@@ -2,14 +2,16 @@
 
 It reads members by the offsets in the `.idx` files (random access into the tars), decodes JPEG with
 Pillow and WAV/FLAC with the project's decoder, and computes the log-mel with `shards.features`, which
-reproduces DALI's operators; stored spectrograms and token ids are read as typed payloads. It is the fallback where DALI is absent and the baseline in benchmarks.
-Masks come from hashes of the keys, so a dropped modality is never decoded here either. Every decoded
-frame is checked against the size the build recorded for its sample (`SampleRef.frame_size`)."""
+reproduces DALI's operators; stored spectrograms and token ids are read as typed payloads. It is the
+fallback where DALI is absent and the baseline in benchmarks. Masks come from hashes of the keys, so a
+dropped modality is never decoded here either. Every decoded frame is checked against the size the build
+recorded for its sample (`SampleRef.frame_size`). In training a worker's part is permuted as a whole per
+(seed, epoch) (`EpochSampler`); the DALI reader shuffles inside a buffer instead (see `shards.dali_loader`)."""
 from __future__ import annotations
 
 import io
 import logging
-from typing import Iterator
+from collections.abc import Iterator
 
 import numpy as np
 import torch
@@ -17,7 +19,7 @@ from PIL import Image
 from torch.utils.data import DataLoader, Dataset, Sampler
 
 from shards.features import ModalityParams, VisualParams, log_mel, mel_filters, modality_params
-from shards.format import DatasetInfo, NPY_HEADER_BYTES, frame_member, npy_payload
+from shards.format import NPY_HEADER_BYTES, DatasetInfo, frame_member, npy_payload
 from shards.samples import FrameSizeError, SampleRef, shard_range, training_steps
 from shards.scenarios import DropSpec, augment_keep, key_uniform, resolve_present
 
@@ -148,7 +150,9 @@ class ShardSamples(Dataset):
         item = {"key": ref.key, "present": np.array([present[m] for m in self.modalities])}
         if "visual" in present:
             if present["visual"]:
-                rng = np.random.default_rng(int(key_uniform(ref.key, self.seed, f"crop:{self.epoch}") * 2**63)) if self.train else None
+                rng = None
+                if self.train:
+                    rng = np.random.default_rng(int(key_uniform(ref.key, self.seed, f"crop:{self.epoch}") * 2**63))
                 item["visual"] = decode_frames([read_member(ref, frame_member(t)) for t in range(v.frames)], v, rng,
                                                self.min_crop_area, self.flip, ref.frame_size)
             else:

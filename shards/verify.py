@@ -16,7 +16,7 @@ import zstandard
 from PIL import Image
 from tqdm import tqdm
 
-from shards.format import FormatError, read_dataset_info, read_index
+from shards.format import DatasetInfo, FormatError, read_dataset_info, read_index
 from shards.samples import FrameSizeError, recorded_frame_sizes
 from shards.writer import sha256_file
 
@@ -128,10 +128,12 @@ def _decode_shard(tar_path: Path, name: str, index: list[tuple[str, dict[str, tu
 
 
 def inspect_dataset(dataset_dir: Path) -> str:
-    """A plain-text summary: per split counts, missing-modality rates, class histogram, sizes, rejects."""
+    """A plain-text summary: per split counts, missing-modality rates, class histogram, the class mix of the
+    shards, what the build skipped, replaced or left empty (dataset.json `build`), sizes and rejects."""
     info = read_dataset_info(dataset_dir)
     manifest = pq.read_table(dataset_dir / "manifest.parquet").to_pylist()
-    rejects = pq.read_table(dataset_dir / "rejects.parquet").to_pylist() if (dataset_dir / "rejects.parquet").is_file() else []
+    rejects_path = dataset_dir / "rejects.parquet"
+    rejects = pq.read_table(rejects_path).to_pylist() if rejects_path.is_file() else []
     described = {"visual": f"frames: {info.visual.get('frames')} x short side {info.visual.get('short_side')} px JPEG",
                  "text": f"text: {info.text.get('tokenizer')}, {info.text.get('vocab_size')} tokens, "
                          f"{info.text.get('max_len')} ids per sample"}
@@ -160,6 +162,8 @@ def inspect_dataset(dataset_dir: Path) -> str:
     lines.append(f"{'class':<28}" + "".join(f"{s:>8}" for s in splits))
     for name in info.classes:
         lines.append(f"{name[:27]:<28}" + "".join(f"{per[(name, s)]:>8}" for s in splits))
+    lines += ["", *_class_mix_lines(info, manifest)]
+    lines += _build_note_lines(info.build)
     if rejects:
         lines += ["", "rejects by stage and reason:"]
         for (stage, reason), n in Counter((r["stage"], r["reason"].split(" (")[0]) for r in rejects).most_common(10):
@@ -167,3 +171,54 @@ def inspect_dataset(dataset_dir: Path) -> str:
     return "\n".join(lines)
 
 
+def shard_class_mix(info: DatasetInfo, manifest: list[dict]) -> dict[str, list[tuple[str, int, int, float, str]]]:
+    """Per split, per shard in dataset.json order: (shard, samples, distinct classes, largest single-class
+    share, that class). A share counts the shard's samples carrying the class (multi-label: any label)."""
+    by_shard: dict[str, Counter] = {}
+    for row in manifest:
+        by_shard.setdefault(row["shard"], Counter()).update(row.get("labels") or [row["label"]])
+    mix: dict[str, list[tuple[str, int, int, float, str]]] = {}
+    for shard in info.shards:
+        counts = by_shard.get(shard.path, Counter())
+        if not counts or not shard.samples:
+            continue
+        top, n = counts.most_common(1)[0]
+        mix.setdefault(shard.split, []).append(
+            (shard.path, shard.samples, len(counts), n / shard.samples, info.classes[top]))
+    return mix
+
+
+def _class_mix_lines(info: DatasetInfo, manifest: list[dict]) -> list[str]:
+    """The class mix of each split's shards, leaving out shards under half the largest one (the remainder
+    of the cut, whose few samples say little): a reader that shuffles only inside a buffer (DALI) needs
+    every shard to mix classes."""
+    lines = ["class mix per shard (shards of at least half the split's largest; a short remainder is left out):"]
+    for split, shards in shard_class_mix(info, manifest).items():
+        full = [s for s in shards if 2 * s[1] >= max(t[1] for t in shards)]
+        distinct = [s[2] for s in full]
+        name, _, _, share, cls = max(full, key=lambda s: s[3])
+        lines.append(f"  {split}: {len(full)} shards, distinct classes min {min(distinct)} / median "
+                     f"{float(np.median(distinct)):.1f} / max {max(distinct)} of {info.num_classes}, "
+                     f"largest single-class share {share:.1%} ({name}: {cls})")
+    return lines
+
+
+def _build_note_lines(build: dict) -> list[str]:
+    """What the build left out or changed, when dataset.json's `build` records it: annotation rows of classes
+    outside the class list (by label), annotation files whose invalid UTF-8 was replaced, empty classes."""
+    lines = []
+    skipped = build.get("skipped_labels") or {}
+    if skipped:
+        common = Counter(skipped).most_common(10)
+        more = f", and {len(skipped) - len(common)} more labels" if len(skipped) > len(common) else ""
+        lines.append(f"skipped_labels: {sum(skipped.values())} annotation rows of {len(skipped)} labels outside the "
+                     f"class list: " + ", ".join(f"{label!r} x {n}" for label, n in common) + more)
+    replaced = build.get("annotation_replaced") or {}
+    if replaced:
+        lines.append("annotation_replaced: invalid UTF-8 replaced by U+FFFD in "
+                     + ", ".join(f"{name} ({n} sequences)" for name, n in sorted(replaced.items())))
+    empty = build.get("empty_classes") or []
+    if empty:
+        shown = ", ".join(repr(c) for c in empty[:20]) + (f", and {len(empty) - 20} more" if len(empty) > 20 else "")
+        lines.append(f"empty_classes: kept classes with no samples ({len(empty)}): {shown}")
+    return ["", "build notes:", *(f"  {line}" for line in lines)] if lines else []
