@@ -153,8 +153,8 @@ def build_parser() -> argparse.ArgumentParser:
                        help="manifest: the manifest (.csv, .jsonl or .parquet; default: manifest.* in --src)")
     build.add_argument("--classes", default=None, help="kinetics_sound: file with the class names to keep")
     build.add_argument("--split-list", action="append", default=None, metavar="SPLIT=FILE",
-                       help="kinetics_sound: take the samples of SPLIT from a lineage split list instead of the "
-                            "CSVs (OGM-GE's my_train.txt / my_test.txt); repeat per split")
+                       help="kinetics_sound, crema_d: take the samples of SPLIT from a lineage split list "
+                            "(OGM-GE's my_train.txt / my_test.txt, data/CREMAD/train.csv / test.csv); repeat per split")
     build.add_argument("--split-json", default=None, metavar="FILE",
                        help="food101: missing_aware_prompts' split.json (image names per train/val/test); "
                             "default: split.json at the root of --src if there, else a hash split of train")

@@ -201,3 +201,93 @@ def test_mm_imdb_reorganised_layout_of_missing_aware_prompts_is_read(tmp_path: P
     a, b = mm_imdb(original), mm_imdb(root)
     assert [(s.key, s.split, s.labels, s.text) for s in a.samples] == [(s.key, s.split, s.labels, s.text) for s in b.samples]
     assert all(s.source.startswith("images/") for s in b.samples if s.source)
+
+
+# ------------------------------------------------------------------------------------ CREMA-D, VGGSound
+
+def crema_d_corpus(root: Path, clip: Path, silent: Path, wav: Path) -> list[str]:
+    """CREMA-D layout: VideoFlash/<name>.flv (here with a different audio track than the WAV) and
+    AudioWAV/<name>.wav for 10 actors x 6 emotions; one name without WAV, one without video."""
+    names = []
+    for actor in range(1001, 1011):
+        for emotion in ("NEU", "HAP", "SAD", "FEA", "DIS", "ANG"):
+            name = f"{actor}_DFA_{emotion}_XX"
+            names.append(name)
+            if name != "1002_DFA_SAD_XX":
+                link(clip, root / "VideoFlash" / f"{name}.flv")
+            if name != "1003_DFA_HAP_XX":
+                link(wav, root / "AudioWAV" / f"{name}.wav")
+    return names
+
+
+@pytest.fixture(scope="module")
+def crema_media(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path, Path]:
+    import subprocess
+
+    d = tmp_path_factory.mktemp("crema")
+    flv = d / "clip.flv"
+    subprocess.run(["ffmpeg", "-v", "error", "-f", "lavfi", "-i", "testsrc2=size=64x48:rate=10:duration=1",
+                    "-f", "lavfi", "-i", "sine=frequency=300:duration=1", "-c:v", "flv1", "-c:a", "libmp3lame",
+                    "-ar", "22050", str(flv)], check=True)
+    wav = d / "voice.wav"
+    subprocess.run(["ffmpeg", "-v", "error", "-f", "lavfi", "-i", "sine=frequency=900:duration=2.5",
+                    "-ar", "16000", "-ac", "1", str(wav)], check=True)
+    return flv, wav, d
+
+
+def test_crema_d_speaker_disjoint_split_lineage_class_order_and_audio_from_the_wav(crema_media, tmp_path: Path) -> None:
+    from pipeline.adapters.video import CREMA_D_CLASSES, crema_d
+
+    flv, wav, _ = crema_media
+    root = tmp_path / "CREMA-D"
+    crema_d_corpus(root, flv, flv, wav)
+    corpus = crema_d(root)
+    assert corpus.classes == CREMA_D_CLASSES == ["NEU", "HAP", "SAD", "FEA", "DIS", "ANG"]
+    speakers = {split: {s.key.split("_")[0] for s in corpus.samples if s.split == split} for split in ("train", "val", "test")}
+    assert all(speakers.values()) and not (speakers["train"] & (speakers["val"] | speakers["test"]))
+    build_shards("crema_d", root, tmp_path / "out", BuildOptions(size=32, shard_size=16), workers=1, progress=False)
+    rows = {r["key"]: r for r in pq.read_table(tmp_path / "out/crema_d/manifest.parquet").to_pylist()}
+    assert len(rows) == 60
+    assert 2.4 < rows["1001_DFA_NEU_XX"]["audio_seconds"] < 2.6  # the 2.5 s WAV, not the 1 s FLV track
+    assert not rows["1003_DFA_HAP_XX"]["has_audio"] and rows["1003_DFA_HAP_XX"]["has_visual"]  # no WAV, no track
+    assert rows["1002_DFA_SAD_XX"]["has_audio"] and not rows["1002_DFA_SAD_XX"]["has_visual"]
+    assert rows["1001_DFA_ANG_XX"]["label_name"] == "ANG" and rows["1001_DFA_ANG_XX"]["label"] == 5
+
+
+def test_crema_d_lineage_lists_choose_train_and_test(crema_media, tmp_path: Path) -> None:
+    from pipeline.adapters.video import crema_d
+
+    flv, wav, _ = crema_media
+    root = tmp_path / "CREMA-D"
+    names = crema_d_corpus(root, flv, flv, wav)
+    (tmp_path / "train.csv").write_text("".join(f"{n},{n.split('_')[2]}\r\n" for n in names[:50]))
+    (tmp_path / "test.csv").write_text("".join(f"{n},{n.split('_')[2]}\n" for n in names[50:]) + "bogus,XXX\n")
+    corpus = crema_d(root, split_lists={"train": tmp_path / "train.csv", "test": tmp_path / "test.csv"})
+    by_split = {sp: sorted(s.key for s in corpus.samples if s.split == sp) for sp in ("train", "val", "test")}
+    assert by_split["test"] == sorted(names[50:]) and len(by_split["train"]) + len(by_split["val"]) == 50
+    assert by_split["val"]  # a fixed share of train, OGM-GE having no val
+    assert any("'bogus' is not <actor>_<sentence>_<emotion>_<level>" in r.reason for r in corpus.rejects)
+
+
+def test_vggsound_csv_and_the_download_scripts_clip_names(clip: Path, tmp_path: Path) -> None:
+    from pipeline.adapters.video import vggsound
+
+    root = tmp_path / "vggsound"
+    rows = [("---g-f_I2yQ", 1, "people marching", "test"), ("--0PQM4-hqg", 30, "waterfall burbling", "train"),
+            ("-AbCdEfGh1i", 0, "dog barking", "train"), ("ZZZZZZZZZZZ", 10, "dog barking", "train"),
+            ("zyxwvutsrqp", 5, '"engine, idling"', "train"), ("short", 5, "x", "train")]
+    (root).mkdir()
+    (root / "vggsound.csv").write_text("".join(f"{a},{b},{c},{d}\n" for a, b, c, d in rows))
+    link(clip, root / "video" / "---g-f_I2yQ_000001.mp4")  # official lists: start zero-padded
+    link(clip, root / "train" / "--0PQM4-hqg_30.mp4")  # OGM-GE: unpadded
+    link(clip, root / "clips" / "dog barking" / "-AbCdEfGh1i_000000_000010.mp4")  # the Kinetics crawler
+    link(clip, root / "zyxwvutsrqp_000005.mkv")
+    corpus = vggsound(root)
+    assert corpus.classes == ["dog barking", "engine, idling", "people marching", "waterfall burbling"]
+    assert {s.key: s.source for s in corpus.samples} == {
+        "---g-f_I2yQ_000001": "video/---g-f_I2yQ_000001.mp4", "--0PQM4-hqg_000030": "train/--0PQM4-hqg_30.mp4",
+        "-AbCdEfGh1i_000000": "clips/dog barking/-AbCdEfGh1i_000000_000010.mp4",
+        "zyxwvutsrqp_000005": "zyxwvutsrqp_000005.mkv"}
+    reasons = {r.key: r.reason for r in corpus.rejects}
+    assert reasons["ZZZZZZZZZZZ_000010"] == "clip ZZZZZZZZZZZ_000010 not downloaded"
+    assert any(r.reason.startswith("expected youtube_id,start_seconds,label,split") for r in corpus.rejects)

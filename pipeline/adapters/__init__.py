@@ -17,7 +17,7 @@ from typing import Callable
 from pipeline.adapters.arrays import av_mnist
 from pipeline.adapters.manifest import manifest
 from pipeline.adapters.corpus import SPLITS, Corpus, Reject, Sample, SampleKind, SourceError
-from pipeline.adapters.video import av_digits, ave, kinetics_sound
+from pipeline.adapters.video import av_digits, ave, crema_d, kinetics_sound, vggsound
 from pipeline.adapters.vision_language import MMIMDB_GENRES, food101, mm_imdb
 
 ADAPTERS: dict[str, Callable[..., Corpus]] = {
@@ -27,6 +27,8 @@ ADAPTERS: dict[str, Callable[..., Corpus]] = {
     "mm_imdb": mm_imdb,
     "food101": food101,
     "av_mnist": av_mnist,
+    "crema_d": crema_d,
+    "vggsound": vggsound,
     "manifest": manifest,
 }
 

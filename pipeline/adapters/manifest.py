@@ -29,16 +29,14 @@ from pathlib import Path
 import pyarrow.parquet as pq
 
 from pipeline.adapters.corpus import (
-    Corpus, Reject, Sample, SampleKind, SourceError, frame_size, outside_src, read_annotation, read_csv_rows,
-    require_dir, sample_members, split_problem,
+    Corpus, Reject, Sample, SampleKind, SourceError, outside_src, read_annotation, read_csv_rows, require_dir,
+    split_problem,
 )
-from pipeline.adapters.video import clip_visual_info, waveform_audio_info
+from pipeline.adapters.video import clip_visual_info, encode_media_sample, waveform_audio_info
 from pipeline.adapters.vision_language import image_visual_info, no_audio_info
-from pipeline.decode import DecodeError, decode_audio_file, decode_clip
-from pipeline.encode import encode_audio, encode_frame, encode_image_file, encode_text
-from pipeline.options import BuildContext, BuildOptions
-from pipeline.text import decode_text, load_tokenizer
-from shards.format import frame_member, sanitize_key
+from pipeline.options import BuildOptions
+from pipeline.text import decode_text
+from shards.format import sanitize_key
 from shards.scenarios import key_uniform
 
 MANIFEST_NAMES = ("manifest.csv", "manifest.jsonl", "manifest.parquet")
@@ -123,7 +121,7 @@ def manifest(src: Path, manifest_file: Path | None = None) -> Corpus:
     visual_info = (clip_visual_info if "video" in columns else image_visual_info if "image" in columns
                    else no_visual_info)
     audio_info = waveform_audio_info if "audio" in modalities else no_audio_info
-    kind = SampleKind("manifest", encode_manifest_sample, visual_info, audio_info)
+    kind = SampleKind("manifest", encode_media_sample, visual_info, audio_info)
     ordered = sorted(samples.values(), key=lambda s: (s.split, s.key))
     return Corpus("manifest", modalities, classes, ordered, rejects, kind, multilabel=multilabel,
                   annotation_replaced=replaced)
@@ -212,48 +210,3 @@ def _sample(row: dict[str, str], n: int, name: str, src: Path, root: Path, index
 
 def no_visual_info(opts: BuildOptions) -> dict:
     return {}
-
-
-def encode_manifest_sample(sample: Sample, src: Path, opts: BuildOptions, ctx: BuildContext,
-                           out: Path | None = None) -> tuple[dict[str, bytes], dict, list[Reject]]:
-    """Frames from the video (T at fps) or the image (one), audio from the audio file or the video's track,
-    text as token ids. A video or image that does not decode rejects the row; audio that does not decode
-    leaves the sample without audio when it has another modality."""
-    frames: dict[str, bytes] = {}
-    times: list[float] = []
-    track, duration, note = None, 0.0, None
-    if sample.kind == "video":
-        clip = decode_clip(src / sample.source, opts.frames, opts.fps, opts.sample_rate)
-        frames = {frame_member(i): encode_frame(f, opts.size, opts.jpeg_quality) for i, f in enumerate(clip.frames)}
-        times, duration, track, note = clip.frame_times, clip.duration, clip.audio, clip.audio_note
-    elif sample.kind == "image":
-        frames = {frame_member(0): encode_image_file(src / sample.source, opts.size, opts.jpeg_quality)}
-    if sample.audio_source:
-        try:
-            track, declared = decode_audio_file(src / sample.audio_source, opts.sample_rate)
-            duration, note = duration or declared, None
-        except DecodeError as exc:
-            if not (frames or sample.text):
-                raise
-            track, note = None, f"{sample.audio_source}: {exc.reason}"
-    meta = {"key": sample.key, "split": sample.split, "label": sample.label, "labels": list(sample.labels),
-            "source": sample.source or sample.audio_source, "duration": round(duration, 3),
-            "has_visual": bool(frames), "has_audio": track is not None, "has_text": sample.text is not None,
-            "frame_size": frame_size(frames)}
-    if times:
-        meta["frame_times"] = [round(t, 3) for t in times]
-    members = sample_members(meta, sample, ctx, frames)
-    if track is not None:
-        members[opts.audio_codec] = encode_audio(track, opts.sample_rate, opts.audio_codec)
-    if sample.text is not None:
-        tokenizer = load_tokenizer(str(out), ctx.tokenizer, opts.max_len)
-        members["text.npy"], members["text.txt.zst"] = encode_text(sample.text, tokenizer)
-    partial = []
-    if note:
-        partial.append(Reject(sample.key, sample.split, sample.source or sample.audio_source, "audio", note, kept=True))
-    if sample.text_replaced:
-        partial.append(Reject(sample.key, sample.split, sample.source, "text",
-                              f"{sample.text_replaced} invalid UTF-8 sequence(s) replaced by U+FFFD", kept=True))
-    row = dict(meta, audio_seconds=round(len(track) / opts.sample_rate, 3) if track is not None else 0.0,
-               text_replaced=sample.text_replaced)
-    return members, row, partial

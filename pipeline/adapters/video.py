@@ -2,18 +2,22 @@
 `fps` (by presentation time) and the audio track as 16 kHz mono."""
 from __future__ import annotations
 
+import csv
+import io
 from importlib import resources
 from pathlib import Path
 from statistics import median
 
 from pipeline.adapters.corpus import (
-    SPLITS, Corpus, Reject, Sample, SampleKind, SourceError, collect, read_annotation, read_csv_rows, require_dir,
-    require_file, sample_members, frame_size,
+    SPLITS, Corpus, Reject, Sample, SampleKind, SourceError, collect, frame_size, read_annotation, read_csv_rows,
+    require_dir, require_file, sample_members, source_problem, split_problem,
 )
-from pipeline.decode import decode_clip
-from pipeline.encode import encode_audio, encode_frame
+from pipeline.decode import DecodeError, decode_audio_file, decode_clip
+from pipeline.encode import encode_audio, encode_frame, encode_image_file, encode_text
 from pipeline.options import BuildContext, BuildOptions
+from pipeline.text import load_tokenizer
 from shards.format import frame_member, sanitize_key
+from shards.scenarios import key_uniform
 
 IMAGENET = {"mean": [0.485, 0.456, 0.406], "std": [0.229, 0.224, 0.225]}
 
@@ -53,6 +57,64 @@ def waveform_audio_info(opts: BuildOptions, rows: list[dict]) -> dict:
 
 
 VIDEO = SampleKind("video", encode_clip, clip_visual_info, waveform_audio_info)
+
+
+def encode_media_sample(sample: Sample, src: Path, opts: BuildOptions, ctx: BuildContext,
+                        out: Path | None = None, audio_track: bool = True) -> tuple[dict[str, bytes], dict, list[Reject]]:
+    """A sample of separate media (`Sample.kind` "video", "image" or "none" for its visual source): frames
+    from the video (T at fps) or the image (one), audio from `audio_source` or else the video's track
+    (`audio_track=False`: never the track), text as token ids. A video or image that does not decode
+    rejects the row; audio that does not decode
+    leaves the sample without audio when it has another modality."""
+    frames: dict[str, bytes] = {}
+    times: list[float] = []
+    track, duration, note = None, 0.0, None
+    if sample.kind == "video":
+        clip = decode_clip(src / sample.source, opts.frames, opts.fps, opts.sample_rate)
+        frames = {frame_member(i): encode_frame(f, opts.size, opts.jpeg_quality) for i, f in enumerate(clip.frames)}
+        times, duration = clip.frame_times, clip.duration
+        if audio_track:
+            track, note = clip.audio, clip.audio_note
+    elif sample.kind == "image":
+        frames = {frame_member(0): encode_image_file(src / sample.source, opts.size, opts.jpeg_quality)}
+    if sample.audio_source:
+        try:
+            track, declared = decode_audio_file(src / sample.audio_source, opts.sample_rate)
+            duration, note = duration or declared, None
+        except DecodeError as exc:
+            if not (frames or sample.text):
+                raise
+            track, note = None, f"{sample.audio_source}: {exc.reason}"
+    meta = {"key": sample.key, "split": sample.split, "label": sample.label, "labels": list(sample.labels),
+            "source": sample.source or sample.audio_source, "duration": round(duration, 3),
+            "has_visual": bool(frames), "has_audio": track is not None, "has_text": sample.text is not None,
+            "frame_size": frame_size(frames)}
+    if times:
+        meta["frame_times"] = [round(t, 3) for t in times]
+    members = sample_members(meta, sample, ctx, frames)
+    if track is not None:
+        members[opts.audio_codec] = encode_audio(track, opts.sample_rate, opts.audio_codec)
+    if sample.text is not None:
+        tokenizer = load_tokenizer(str(out), ctx.tokenizer, opts.max_len)
+        members["text.npy"], members["text.txt.zst"] = encode_text(sample.text, tokenizer)
+    partial = []
+    if note:
+        partial.append(Reject(sample.key, sample.split, sample.source or sample.audio_source, "audio", note, kept=True))
+    if sample.text_replaced:
+        partial.append(Reject(sample.key, sample.split, sample.source, "text",
+                              f"{sample.text_replaced} invalid UTF-8 sequence(s) replaced by U+FFFD", kept=True))
+    row = dict(meta, audio_seconds=round(len(track) / opts.sample_rate, 3) if track is not None else 0.0,
+               text_replaced=sample.text_replaced)
+    return members, row, partial
+
+
+def encode_clip_and_audio_file(sample: Sample, src: Path, opts: BuildOptions, ctx: BuildContext,
+                               out: Path | None = None) -> tuple[dict[str, bytes], dict, list[Reject]]:
+    """Frames from the video, audio only from the separate audio file (CREMA-D's AudioWAV)."""
+    return encode_media_sample(sample, src, opts, ctx, out, audio_track=False)
+
+
+SEPARATE_AUDIO = SampleKind("video+audio file", encode_clip_and_audio_file, clip_visual_info, waveform_audio_info)
 
 
 K400_REPLACEMENTS = "replacement/replacement_for_corrupted_k400"
@@ -264,3 +326,135 @@ def av_digits(src: Path) -> Corpus:
 
     samples, rejects = collect(rows, src, classes, make)
     return Corpus("av_digits", ["visual", "audio"], classes, samples, rejects, VIDEO, annotation_replaced=replaced)
+
+
+CREMA_D_CLASSES = ["NEU", "HAP", "SAD", "FEA", "DIS", "ANG"]
+"""The six CREMA-D emotions in the lineage's label order: OGM-GE `dataset/CramedDataset.py`
+(`class_dict = {'NEU':0, 'HAP':1, 'SAD':2, 'FEA':3, 'DIS':4, 'ANG':5}`), as BalanceBenchmark, PMR and AGM."""
+VAL_FRACTION = 0.1
+
+
+def crema_d(src: Path, split_lists: dict[str, Path] | None = None, seed: int = 0) -> Corpus:
+    """The CREMA-D release (CheyneyComputerScience/CREMA-D): `AudioWAV/<name>.wav` and `VideoFlash/<name>.flv`,
+    `<name>` = `<actor>_<sentence>_<emotion>_<level>` (e.g. `1001_DFA_ANG_XX`); 7,442 clips of 91 actors
+    (1001-1091), six emotions from the name. The audio comes from the WAV file, not the video (as OGM-GE
+    reads `AudioWAV/`); a clip with only one of the two files is kept without the other modality.
+
+    Splits: the lineage's lists when given (`split_lists`, e.g. OGM-GE's `data/CREMAD/train.csv` and
+    `test.csv`, header-less rows `<name>,<emotion>`: 6,698 / 744, not speaker-disjoint; `val` is then a
+    fixed 10% of train by a hash of the key, OGM-GE having none), otherwise a seeded speaker-disjoint split
+    of the actors (80 / 10 / 10 %), so test speakers are unseen."""
+    require_dir(src, "crema_d")
+    fix = "the CREMA-D release has AudioWAV/<name>.wav and VideoFlash/<name>.flv"
+    wavs = {p.stem: p for p in (src / "AudioWAV").glob("*.wav")}
+    videos = {p.stem: p for p in (src / "VideoFlash").glob("*.flv")}
+    if not wavs and not videos:
+        raise SourceError(f"{src}: no AudioWAV/*.wav and no VideoFlash/*.flv; {fix}")
+    replaced: dict[str, int] = {}
+    rows: list[tuple[str, str, str]] = []  # (name, split, where)
+    if split_lists:
+        for split, path in sorted(split_lists.items()):
+            require_file(path, f"--split-list {split}", "pass OGM-GE's data/CREMAD/train.csv / test.csv")
+            for n, line in enumerate(read_annotation(path, src, replaced).splitlines(), start=1):
+                if line.strip():
+                    rows.append((line.split(",")[0].strip(), split, f"{path.name} line {n}"))
+    else:
+        names = sorted(set(wavs) | set(videos))
+        split_of = speaker_splits({n.split("_")[0] for n in names}, seed)
+        rows = [(name, split_of[name.split("_")[0]], name) for name in names]
+    samples: dict[str, Sample] = {}
+    rejects: list[Reject] = []
+    for name, split, where in rows:
+        parts = name.split("_")
+        if len(parts) != 4 or not parts[0].isdigit() or parts[2] not in CREMA_D_CLASSES:
+            rejects.append(Reject("", "", where, "annotation",
+                                  f"{name!r} is not <actor>_<sentence>_<emotion>_<level> with emotion one of "
+                                  f"{', '.join(CREMA_D_CLASSES)}"))
+            continue
+        key = sanitize_key(name)
+        video = f"VideoFlash/{name}.flv" if name in videos else ""
+        audio = f"AudioWAV/{name}.wav" if name in wavs else ""
+        if not video and not audio:
+            rejects.append(Reject(key, split, where, "source", "neither VideoFlash/<name>.flv nor AudioWAV/<name>.wav"))
+            continue
+        if key in samples:
+            rejects.append(Reject(key, split, where, "annotation", f"duplicate key (also in {samples[key].split})"))
+            continue
+        if split_lists and split == "train" and key_uniform(key, seed, "crema_d:val") < VAL_FRACTION:
+            split = "val"
+        for rel, what in ((video, "video VideoFlash"), (audio, "audio AudioWAV")):
+            if not rel:
+                rejects.append(Reject(key, split, where, "source", f"no {what}/{name} file; kept without it", kept=True))
+        samples[key] = Sample(key, split, CREMA_D_CLASSES.index(parts[2]), video, kind="video" if video else "none",
+                              audio_source=audio)
+    ordered = sorted(samples.values(), key=lambda s: (s.split, s.key))
+    return Corpus("crema_d", ["visual", "audio"], list(CREMA_D_CLASSES), ordered, rejects, SEPARATE_AUDIO,
+                  annotation_replaced=replaced)
+
+
+def speaker_splits(actors: set[str], seed: int) -> dict[str, str]:
+    """Actor -> train / val / test: the actors ordered by a seeded hash, the first 10% (at least one)
+    test, the next 10% (at least one) val, the rest train; speaker-disjoint and deterministic."""
+    order = sorted(actors, key=lambda a: (key_uniform(a, seed, "crema_d:speaker"), a))
+    n_held = max(1, round(0.1 * len(order))) if len(order) >= 3 else 0
+    return {a: "test" if i < n_held else "val" if i < 2 * n_held else "train" for i, a in enumerate(order)}
+
+
+VGGSOUND_EXTENSIONS = (".mp4", ".mkv", ".webm", ".flv")
+
+
+def vggsound(src: Path, csv_file: Path | None = None) -> Corpus:
+    """VGGSound (hche11/VGGSound): the public `vggsound.csv`, header-less rows
+    `youtube_id,start_seconds,label,split` (`train`/`test`; 183,971 / 15,496 rows, 309 classes; labels with
+    commas are quoted), and the downloaded 10 s clips anywhere under --src, named as the common download
+    scripts name them: `<youtube_id>_<start:06d>.mp4` (the official lists, `data/test.csv`),
+    `<youtube_id>_<start>.mp4` (OGM-GE's `dataset/VGGSoundDataset.py`) or `<youtube_id>_<start:06d>_<end:06d>.mp4`
+    (the Kinetics crawler), also .mkv/.webm/.flv. Classes are sorted, as the official loader
+    (`datasets/dataloader.py`: `sorted(classes)`) does. Clips that were never downloaded are rejected
+    (`source`); `val` is a fixed 10% of train by a hash of the key (VGGSound has none)."""
+    require_dir(src, "vggsound")
+    path = csv_file or src / "vggsound.csv"
+    require_file(path, "vggsound.csv", "pass the public vggsound.csv (youtube_id,start_seconds,label,split)")
+    replaced: dict[str, int] = {}
+    rows = list(csv.reader(io.StringIO(read_annotation(path, src, replaced), newline="")))
+    clips: dict[tuple[str, int], str] = {}
+    for clip in sorted(p for p in src.rglob("*") if p.suffix in VGGSOUND_EXTENSIONS and p.is_file()):
+        parsed = _k400_stem(clip.stem)
+        if parsed:
+            clips.setdefault(parsed, clip.relative_to(src).as_posix())
+    classes = sorted({r[2].strip() for r in rows if _vggsound_row(r)})
+    if not classes:
+        raise SourceError(f"{path}: no row youtube_id,start_seconds,label,split")
+    index = {c: i for i, c in enumerate(classes)}
+    samples: dict[str, Sample] = {}
+    rejects: list[Reject] = []
+    root = src.resolve()
+    for n, row in enumerate(rows, start=1):
+        where = f"{path.name} line {n}"
+        if not _vggsound_row(row):
+            rejects.append(Reject("", "", where, "annotation",
+                                  f"expected youtube_id,start_seconds,label,split; got {row!r}"))
+            continue
+        yid, start, label, split = row[0].strip(), int(row[1]), row[2].strip(), row[3].strip()
+        key = sanitize_key(f"{yid}_{start:06d}")
+        problem = split_problem(split, key, where, ("train", "test"))
+        if problem:
+            rejects.append(problem)
+            continue
+        rel = clips.get((yid, start))
+        if rel is None:
+            rejects.append(Reject(key, split, where, "source", f"clip {yid}_{start:06d} not downloaded"))
+            continue
+        problem = source_problem(src, root, rel, key, split, samples)
+        if problem:
+            rejects.append(problem)
+            continue
+        if split == "train" and key_uniform(key, 0, "vggsound:val") < VAL_FRACTION:
+            split = "val"
+        samples[key] = Sample(key, split, index[label], rel)
+    ordered = sorted(samples.values(), key=lambda s: (s.split, s.key))
+    return Corpus("vggsound", ["visual", "audio"], classes, ordered, rejects, VIDEO, annotation_replaced=replaced)
+
+
+def _vggsound_row(row: list[str]) -> bool:
+    return len(row) == 4 and len(row[0].strip()) == 11 and row[1].strip().isdigit() and bool(row[2].strip())
