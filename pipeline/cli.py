@@ -41,7 +41,8 @@ def _cmd_build_shards(args: argparse.Namespace) -> int:
                         sample_rate=args.sample_rate, audio_codec=args.audio_codec, shard_size=args.shard_size,
                         n_mels=args.n_mels, n_fft=args.n_fft, win_length=args.win_length,
                         hop_length=args.hop_length, max_len=args.max_len, vocab_size=args.vocab_size,
-                        order_seed=args.order_seed,
+                        order_seed=args.order_seed, audio_features=args.audio_features,
+                        audio_seconds=args.audio_seconds,
                         tokenizer=str(Path(args.tokenizer).resolve()) if args.tokenizer else "")
     info = build_shards(args.dataset, src, Path(args.out), opts, workers=args.workers,
                         use_ray=args.ray is not None, ray_address=args.ray or None,
@@ -133,6 +134,11 @@ def build_parser() -> argparse.ArgumentParser:
     build.add_argument("--jpeg-quality", type=int, default=90)
     build.add_argument("--sample-rate", type=int, default=16000, help="audio sample rate (mono)")
     build.add_argument("--audio-codec", choices=["wav", "flac"], default="wav")
+    build.add_argument("--audio-features", choices=["waveform", "logmel"], default="waveform",
+                       help="store the waveform (the loaders compute the log-mel: on a GPU, or for audio "
+                            "augmentation) or the log-mel itself as float16 (least CPU per sample in the loaders)")
+    build.add_argument("--audio-seconds", type=float, default=0.0,
+                       help="logmel: the length every clip's audio is cut or zero-padded to")
     build.add_argument("--shard-size", type=int, default=256, help="samples per tar shard")
     build.add_argument("--n-mels", type=int, default=128, help="mel bins the loaders compute (recorded in dataset.json)")
     build.add_argument("--n-fft", type=int, default=512)

@@ -30,10 +30,17 @@ class BuildOptions:
     vocab_size: int = 30000  # text: words in the default tokenizer's vocabulary (with [PAD] and [UNK])
     tokenizer: str = ""  # text: a local Hugging Face tokenizer directory instead of the default
     order_seed: int = 0  # the seeded hash of the key that orders each split before it is cut into shards
+    audio_features: str = "waveform"  # or "logmel": the loaders' log-mel stored as float16 (`logmel.npy`)
+    audio_seconds: float = 0.0  # logmel: the length every clip's audio is cut or zero-padded to
 
     def check(self) -> None:
         if self.audio_codec not in ("wav", "flac"):
             raise SourceError(f"--audio-codec {self.audio_codec!r}: use wav or flac")
+        if self.audio_features not in ("waveform", "logmel"):
+            raise SourceError(f"--audio-features {self.audio_features!r}: use waveform or logmel")
+        if self.audio_features == "logmel" and self.audio_seconds <= 0:
+            raise SourceError("--audio-features logmel needs --audio-seconds S, the length every clip's audio is "
+                              "cut or zero-padded to before its log-mel (the median clip length is a good choice)")
         for name in ("frames", "size", "sample_rate", "shard_size", "n_mels", "n_fft", "hop_length", "max_len"):
             if getattr(self, name) <= 0:
                 raise SourceError(f"--{name.replace('_', '-')} must be positive, got {getattr(self, name)}")

@@ -603,3 +603,42 @@ def test_shards_mix_classes_when_keys_sort_by_class() -> None:
     assert all(len({s.label for s in t.samples}) >= 8 for t in tasks)  # every shard holds most classes
     assert plan_shards(list(reversed(samples)), 32) == tasks  # deterministic, whatever the input order
     assert plan_shards(samples, 32, seed=1) != tasks
+
+
+def test_audio_features_logmel_stores_the_loaders_log_mel_as_float16(kinetics_sound_built: BuiltDataset,
+                                                                      tmp_path: Path) -> None:
+    from shards.features import AudioParams, log_mel
+
+    assert cli("build-shards", "kinetics_sound", "--src", kinetics_sound_built.raw.root, "--out", tmp_path,
+               *FIXTURE_BUILD_ARGS, "--audio-features", "logmel", "--audio-seconds", "2") == 0
+    info = read_dataset_info(tmp_path / "kinetics_sound")
+    assert info.audio["kind"] == "logmel_array" and info.audio["dtype"] == "float16"
+    assert info.audio["shape"] == [128, 2 * 16000 // 160 + 1]
+    params = AudioParams.from_info(dict(info.audio, seconds=2.0))
+    checked = 0
+    for tar in sorted((tmp_path / "kinetics_sound").glob("*/*.tar")):
+        ours = {n: m for n, m in read_index(tar.with_suffix(".idx"))}
+        wav_tar = kinetics_sound_built.path / tar.relative_to(tmp_path / "kinetics_sound")
+        for key, members in read_index(wav_tar.with_suffix(".idx")):
+            if "wav" not in members:
+                assert "logmel.npy" not in ours[key]
+                continue
+            with open(wav_tar, "rb") as f:
+                f.seek(members["wav"][0])
+                wav = f.read(members["wav"][1])
+            with open(tar, "rb") as f:
+                f.seek(ours[key]["logmel.npy"][0])
+                stored = np.load(io.BytesIO(f.read(ours[key]["logmel.npy"][1])))
+            with wave.open(io.BytesIO(wav)) as w:
+                audio = np.frombuffer(w.readframes(w.getnframes()), "<i2").astype(np.float32) / 32768.0
+            assert stored.dtype == np.float16 and stored.shape == tuple(info.audio["shape"])
+            np.testing.assert_allclose(stored.astype(np.float32), log_mel(audio, params)[0].numpy(), atol=2e-3)
+            checked += 1
+    assert checked > 3  # every sample with audio compared
+
+
+def test_audio_features_logmel_without_a_length_exits_2(kinetics_sound_raw: RawCorpus, tmp_path: Path,
+                                                         capsys: pytest.CaptureFixture) -> None:
+    assert cli("build-shards", "kinetics_sound", "--src", kinetics_sound_raw.root, "--out", tmp_path,
+               "--audio-features", "logmel") == 2
+    assert "--audio-seconds" in capsys.readouterr().err

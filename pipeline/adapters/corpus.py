@@ -19,6 +19,7 @@ from typing import Callable
 import numpy as np
 
 from pipeline.decode import DecodeError
+from pipeline.encode import encode_audio
 from pipeline.options import BuildContext, BuildOptions, SourceError
 from pipeline.text import decode_text
 from shards.format import encode_npy, jpeg_size
@@ -203,3 +204,20 @@ def frame_size(frames: dict[str, bytes]) -> list[int]:
 def sample_members(meta: dict, sample: Sample, ctx: BuildContext, frames: dict[str, bytes]) -> dict[str, bytes]:
     """The members every sample starts with, in format order: json, cls, label.npy, then its frames."""
     return {"json": json.dumps(meta, sort_keys=True).encode(), **label_members(sample, ctx), **frames}
+
+
+DB_CUTOFF = 80.0  # the log-mel's floor in dB below the peak power, recorded for the loaders
+
+
+def audio_members(audio: np.ndarray, opts: BuildOptions) -> dict[str, bytes]:
+    """The audio member of a sample: the waveform (`wav`/`flac`), or with `--audio-features logmel` the
+    log-mel the loaders would compute from it (`shards.features.log_mel` of the first `audio_seconds`, zero
+    padded), stored as float16 `logmel.npy` [n_mels, n_frames], so no loader computes a spectrogram."""
+    if opts.audio_features != "logmel":
+        return {opts.audio_codec: encode_audio(audio, opts.sample_rate, opts.audio_codec)}
+    from shards.features import AudioParams, log_mel
+
+    params = AudioParams(opts.sample_rate, opts.audio_seconds, opts.n_mels, opts.n_fft, opts.win_length,
+                         opts.hop_length, DB_CUTOFF)
+    mel = log_mel(audio.astype(np.float32) / 32768.0, params)[0].numpy().astype(np.float16)
+    return {"logmel.npy": encode_npy(mel)}

@@ -9,11 +9,12 @@ from pathlib import Path
 from statistics import median
 
 from pipeline.adapters.corpus import (
-    SPLITS, Corpus, Reject, Sample, SampleKind, SourceError, collect, frame_size, read_annotation, read_csv_rows,
+    DB_CUTOFF, SPLITS, Corpus, Reject, Sample, SampleKind, SourceError, audio_members, collect, frame_size,
+    read_annotation, read_csv_rows,
     require_dir, require_file, sample_members, source_problem, split_problem,
 )
 from pipeline.decode import DecodeError, decode_audio_file, decode_clip
-from pipeline.encode import encode_audio, encode_frame, encode_image_file, encode_text
+from pipeline.encode import encode_frame, encode_image_file, encode_text
 from pipeline.options import BuildContext, BuildOptions
 from pipeline.text import load_tokenizer
 from shards.format import frame_member, sanitize_key
@@ -33,7 +34,7 @@ def encode_clip(sample: Sample, src: Path, opts: BuildOptions, ctx: BuildContext
             "frame_times": [round(t, 3) for t in clip.frame_times], "frame_size": frame_size(frames)}
     members = sample_members(meta, sample, ctx, frames)
     if has_audio:
-        members[opts.audio_codec] = encode_audio(clip.audio, opts.sample_rate, opts.audio_codec)
+        members.update(audio_members(clip.audio, opts))
     row = dict(meta, audio_seconds=round(len(clip.audio) / opts.sample_rate, 3) if has_audio else 0.0)
     partial = []
     if clip.audio_note:
@@ -48,12 +49,17 @@ def clip_visual_info(opts: BuildOptions) -> dict:
 
 
 def waveform_audio_info(opts: BuildOptions, rows: list[dict]) -> dict:
-    """Waveform parameters and the log-mel the loaders compute; `seconds` is the median clip's audio."""
+    """Waveform parameters and the log-mel the loaders compute; `seconds` is the median clip's audio. With
+    `--audio-features logmel`, the stored log-mel's member, dtype and shape instead of the codec."""
     seconds = [r["audio_seconds"] for r in rows if r["has_audio"]]
-    return {"kind": "waveform", "sample_rate": opts.sample_rate, "codec": opts.audio_codec, "channels": 1,
-            "seconds": round(median(seconds), 1) if seconds else 0.0, "n_mels": opts.n_mels,
-            "n_fft": opts.n_fft, "win_length": opts.win_length, "hop_length": opts.hop_length,
-            "db_cutoff": 80.0}
+    mel = {"n_mels": opts.n_mels, "n_fft": opts.n_fft, "win_length": opts.win_length, "hop_length": opts.hop_length,
+           "db_cutoff": DB_CUTOFF, "sample_rate": opts.sample_rate, "channels": 1}
+    if opts.audio_features == "logmel":
+        n_frames = int(round(opts.audio_seconds * opts.sample_rate)) // opts.hop_length + 1
+        return {"kind": "logmel_array", "member": "logmel.npy", "dtype": "float16",
+                "shape": [opts.n_mels, n_frames], "seconds": opts.audio_seconds, **mel}
+    return {"kind": "waveform", "codec": opts.audio_codec,
+            "seconds": round(median(seconds), 1) if seconds else 0.0, **mel}
 
 
 VIDEO = SampleKind("video", encode_clip, clip_visual_info, waveform_audio_info)
@@ -93,7 +99,7 @@ def encode_media_sample(sample: Sample, src: Path, opts: BuildOptions, ctx: Buil
         meta["frame_times"] = [round(t, 3) for t in times]
     members = sample_members(meta, sample, ctx, frames)
     if track is not None:
-        members[opts.audio_codec] = encode_audio(track, opts.sample_rate, opts.audio_codec)
+        members.update(audio_members(track, opts))
     if sample.text is not None:
         tokenizer = load_tokenizer(str(out), ctx.tokenizer, opts.max_len)
         members["text.npy"], members["text.txt.zst"] = encode_text(sample.text, tokenizer)
