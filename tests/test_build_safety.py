@@ -25,6 +25,7 @@ from pipeline.adapters.video import av_digits
 from pipeline.cli import main
 from shards.format import read_dataset_info
 from tests.media import ffmpeg_clip, mm_imdb_corpus
+from tests.test_build import THROTTLED_CLI
 
 COLUMNS = ["clip_id", "label", "split"]
 CLASSES = ["zero", "one", "two"]
@@ -298,17 +299,6 @@ def test_a_build_with_no_usable_sample_writes_rejects_and_names_the_common_reaso
 
 # ------------------------------------------------------------------------------ stopping a build
 
-SLOW_CLI = """
-import sys, time
-import pipeline.adapters.video as build
-decode = build.decode_clip
-def slow_decode(*args, **kwargs):
-    time.sleep(float(sys.argv[1]))
-    return decode(*args, **kwargs)
-build.decode_clip = slow_decode
-from pipeline.cli import main
-sys.exit(main(sys.argv[2:]))
-"""
 
 
 def children(pid: int) -> list[int]:
@@ -333,7 +323,7 @@ def alive(pid: int) -> bool:
 
 
 def start_slow_build(src: Path, out: Path, workers: int) -> tuple[subprocess.Popen, list[int]]:
-    proc = subprocess.Popen([sys.executable, "-c", SLOW_CLI, "1.0", "-q", "build-shards", "av_digits",
+    proc = subprocess.Popen([sys.executable, "-c", THROTTLED_CLI, "1.0", "-q", "build-shards", "av_digits",
                              "--src", str(src), "--out", str(out), "--shard-size", "2", "--size", "32",
                              "--workers", str(workers)], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
                             start_new_session=True)
