@@ -5,10 +5,11 @@
 1. A Kinetics-Sound-shaped corpus (benchmarks/corpus.py: 10 s 340x256 H.264 clips at 30 fps with 44.1 kHz
    stereo AAC, Kinetics-400 layout) in DIR/raw, reused by later runs.
 2. The three benchmarks as subprocesses with their own command lines, each writing JSON + PNG in its folder:
-   benchmarks/loader.py (DIR/loader: raw, torch, DALI CPU and, with --device gpu, DALI GPU, at drop 0 and
-   0.3), benchmarks/train.py (DIR/train: one-device step vs loader, Ray Train 1..N workers) and
-   benchmarks/build.py (DIR/build: build-shards vs its decode floor, on a subset of the corpus). Every number
-   is a median of several runs and every comparison a ratio of numbers measured in the same run.
+   benchmarks/loader.py (DIR/loader: raw mp4 decoding, the OGM-GE-style loader, plain webdataset, the
+   torch loader, DALI CPU, the decoding floor and, with --device gpu, DALI GPU, at drop 0 and 0.3),
+   benchmarks/train.py (DIR/train: one-device step vs loader, Ray Train 1..N workers) and benchmarks/build.py
+   (DIR/build: build-shards vs its decode floor, on a subset of the corpus). Every number is a median of
+   several runs and every comparison a ratio of numbers measured in the same run.
 3. DIR/report.md (machine, one table per benchmark with the targets met or not, the plots) and
    DIR/report.json, rewritten after each benchmark so a run cut short still leaves a report; the output
    of each benchmark goes to DIR/logs/.
@@ -171,25 +172,44 @@ def build_section(r: dict) -> list[str]:
 
 
 def loader_section(r: dict) -> list[str]:
-    p, configs = r["params"], r["configs"]
+    p, configs, ratios = r["params"], r["configs"], r["ratios"]
     drops = p["drops"]
-    names = [n for n in ("raw", "torch", "dali_cpu", "dali_gpu") if f"{n}_p0" in configs]
+    order = ("raw", "ogm", "wds", "torch", "dali_cpu", "dali_gpu", "floor")
+    names = [n for n in order if f"{n}_p0" in configs]
     lines = [f"Training-mode loading (random crop {p['crop']} + flip, {p['n_mels']}-mel log-mel of "
              f"{p['audio_seconds']} s audio, {p['frames']} frames) of {p['samples']} samples, "
              f"batch {p['batch_size']}, {p['workers']} workers or threads, with missing-modality augmentation "
              f"`{p['augment']}`; samples/s of the median of {p['repeats']} epochs, start-up included (the "
-             "time to an epoch's first batch weighs more in these short epochs than in a real one).", "",
-             "| loader | " + " | ".join(f"p={d:g} samples/s" for d in drops) + f" | p={drops[-1]:g} / p=0 | "
-             + " | ".join(f"/ raw (p={d:g})" for d in drops) + " | first batch s (p=0) | CPU-ms per sample (p=0) |",
-             "|---|" + "---|" * (2 * len(drops) + 3)]
+             "time to an epoch's first batch weighs more in these short epochs than in a real one), and CPU-ms "
+             "per sample of the median epoch (this process, RUSAGE_SELF, + its workers: RUSAGE_CHILDREN for those "
+             "that exited, /proc for persistent ones still alive).", "",
+             "Loaders: `raw` decodes the mp4s in DataLoader workers; `ogm` is the research code's loader "
+             "(OGM-GE `AVDataset`: JPEG files per clip and a pre-computed `.npy` log-mel, PIL + torchvision-style "
+             "transforms, DataLoader); `wds` a plain `webdataset` pipeline over the shards; `torch` and "
+             "`dali_*` the shard loaders; `floor` the decoding alone (3 JPEG decodes with the same crop + the "
+             f"WAV's log-mel, one process, bytes in memory, {p.get('floor_samples', '-')} samples). `ogm` and "
+             "`wds` decode everything and zero what is dropped; the others skip it."]
+    files = r.get("ogm_files")
+    if files:
+        lines += ["", f"`ogm`'s one-off pre-extraction (not timed): {files['clips']} clips, "
+                  f"{files['bytes'] / 2 ** 20:.1f} MiB of JPEG files and `.npy` arrays, {files['seconds']:.1f} s."]
+    refs = [ref for ref in ("raw", "ogm", "floor") if ratios.get(f"over_{ref}")]
+    lines += ["", "| loader | p | samples/s | CPU-ms per sample | first batch s | vs p=0 | "
+              + " | ".join(f"samples/s / {ref} | CPU-ms / {ref}" for ref in refs) + " |",
+              "|---|" + "---|" * (5 + 2 * len(refs))]
+
+    def ratio(x: float | None) -> str:
+        return "-" if x is None else f"{x:.2f}x"
+
     for n in names:
-        rates = [configs[f"{n}_p{d:g}"]["samples_per_s"] for d in drops]
-        over_raw = [r["ratios"]["shards_over_raw"].get(f"p{d:g}", {}).get(n) for d in drops]
-        p0 = configs[f"{n}_p0"]
-        lines.append(f"| {n} | " + " | ".join(fmt(x) for x in rates)
-                     + f" | {fmt(r['ratios']['drop_over_no_drop'].get(n), 2)} | "
-                     + " | ".join(fmt(x, 1) + ("x" if x is not None else "") for x in over_raw)
-                     + f" | {fmt(p0.get('first_batch_s'), 2)} | {fmt(p0.get('cpu_ms_per_sample'))} |")
+        for d in drops:
+            c, tag = configs[f"{n}_p{d:g}"], f"p{d:g}"
+            over = [ratios[f"over_{ref}"].get(tag, {}).get(n, {}) for ref in refs]
+            vs_p0 = ratios["drop_over_no_drop"].get(n) if d != drops[0] else None
+            lines.append(f"| {n} | {d:g} | {fmt(c['samples_per_s'])} | {fmt(c['cpu_ms_per_sample'])} | "
+                         f"{fmt(c.get('first_batch_s'), 2)} | {ratio(vs_p0)} | "
+                         + " | ".join(f"{ratio(o.get('samples_per_s'))} | {ratio(o.get('cpu_ms_per_sample'))}"
+                                      for o in over) + " |")
     lines += ["", "| target | result |", "|---|---|"]
     lines += [f"| {k} | {yes(v)} |" for k, v in r.get("targets", {}).items()]
     return lines + ["", "![loader](loader.png)"]
@@ -227,7 +247,8 @@ def train_section(r: dict) -> list[str]:
 
 
 SECTIONS = {"build": ("1. Build: clips/s per worker against the decode floor", build_section),
-            "loader": ("2. Loader: samples/s per backend and device against the torch and raw baselines",
+            "loader": ("2. Loader: samples/s and CPU-ms per sample against raw decoding, the research code's "
+                       "loader, plain webdataset and the decoding floor",
                        loader_section),
             "train": ("3. Training: samples/s per worker, data wait, scaling", train_section)}
 

@@ -1,10 +1,17 @@
-"""Benchmark helpers that change what is measured: the tiled view of a dataset (longer epochs, same data)."""
+"""Benchmark helpers that change what is measured: the tiled view of a dataset (longer epochs, same data), and
+the loader benchmark's peers (the research code's loader, plain webdataset, the decoding floor) on a tiny corpus."""
 from __future__ import annotations
 
+import importlib
 import importlib.util
 import json
+import subprocess
+import sys
+import time
 from pathlib import Path
 
+import numpy as np
+import pyarrow.parquet as pq
 import pytest
 
 from shards.format import read_dataset_info
@@ -38,3 +45,97 @@ def test_a_tiled_dataset_repeats_the_train_shards_and_keeps_the_other_splits(kin
     assert tile_shards(src, tmp_path / "x1", 1) == src
     with pytest.raises(ValueError):
         tile_shards(src, tmp_path / "x0", 0)
+
+
+# ------------------------------------------------------------------------------- the loader benchmark's peers
+def bench_module(name: str, monkeypatch: pytest.MonkeyPatch):
+    """benchmarks/<name>.py imported as its scripts import each other (benchmarks/ on sys.path)."""
+    monkeypatch.syspath_prepend(str(ROOT / "benchmarks"))
+    return importlib.import_module(name)
+
+
+def test_the_peer_loaders_decode_each_sample_once_into_the_loader_tensors(kinetics_sound_built, tmp_path: Path,
+                                                                          monkeypatch: pytest.MonkeyPatch) -> None:
+    peers = bench_module("peers", monkeypatch)
+    from shards.features import AudioParams, VisualParams
+    from shards.samples import split_shards
+    from shards.scenarios import DropSpec
+
+    src = kinetics_sound_built.path
+    info = read_dataset_info(src)
+    refs = split_samples(src, info, "train")
+    keys = sorted(r.key for r in refs)
+    both = sorted(r.key for r in refs if "wav" in r.members and "f0.jpg" in r.members)
+    visual, audio = VisualParams.from_info(info.visual, 32), AudioParams.from_info(info.audio)
+    spec = DropSpec("independent", {"visual": 0.5, "audio": 0.5})
+
+    files = peers.extract_ogm(src, info, "train", tmp_path / "ogm")
+    root = Path(files["root"])
+    assert sorted(p.name for p in (root / "visual" / both[0]).iterdir()) == [
+        f"frame_{t:05d}.jpg" for t in range(1, visual.frames + 1)]
+    assert np.load(root / "audio_spec" / f"{both[0]}.npy").shape == (audio.n_mels, audio.n_frames)
+    batches = list(peers.OGMLoader(root, 2, 0, spec, seed=0, crop=32, pick_num=visual.frames))
+    assert sorted(k for b in batches for k in b["key"]) == both  # OGM-GE leaves out clips missing a file
+    b = batches[0]
+    assert b["visual"].shape == (len(b["key"]), 3, visual.frames, 32, 32)  # OGM-GE's [B, 3, T, H, W]
+    assert b["audio"].shape == (len(b["key"]), audio.n_mels, audio.n_frames)
+    labels = {r["key"]: r["label"] for r in pq.read_table(src / "manifest.parquet").to_pylist()}
+    ogm_classes = sorted(info.classes)
+    assert all(ogm_classes[int(y)] == info.classes[labels[k]] for b in batches for k, y in zip(b["key"], b["label"]))
+    for b in batches:  # dropped modalities are zeroed, never both
+        assert b["present"].any(dim=1).all()
+        assert all(bool(b["visual"][i].abs().sum() > 0) == bool(b["present"][i, 0]) for i in range(len(b["key"])))
+
+    tars = [str(tar) for tar, _ in split_shards(src, info, "train")]
+    batches = list(peers.WdsLoader(tars, visual, audio, 2, 0, spec, seed=0))
+    assert sorted(k for b in batches for k in b["key"]) == keys
+    assert batches[0]["visual"].shape[1:] == (visual.frames, 3, 32, 32)
+    assert batches[0]["audio"].shape[1:] == (1, audio.n_mels, audio.n_frames)
+    one_tar = sorted(r.key for r in refs if r.tar == tars[0])  # fewer tars than workers: samples are split
+    batches = list(peers.WdsLoader(tars[:1], visual, audio, 2, 2, spec, seed=0))
+    assert sorted(k for b in batches for k in b["key"]) == one_tar
+
+    floor = peers.Floor(src, info, "train", spec, seed=0, crop=32)
+    items = list(floor)
+    assert sorted(k for it in items for k in it["key"]) == keys
+    shown = [it for it in items if "visual" in it]
+    assert shown and shown[0]["visual"].shape == (visual.frames, 32, 32, 3)
+    assert all(it["audio"].shape == (1, audio.n_mels, audio.n_frames) for it in items if "audio" in it)
+    assert len(list(peers.Floor(src, info, "train", spec, seed=0, crop=32, limit=2))) == 2
+
+
+def test_the_loader_benchmark_reports_every_loader_against_the_research_loader_and_the_floor(
+        kinetics_sound_raw, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    loader = bench_module("loader", monkeypatch)
+    run = bench_module("run", monkeypatch)
+    names = ["ogm", "wds", "torch", "floor"]
+    results = loader.main(["--src", str(kinetics_sound_raw.root), "--out", str(tmp_path), "--batch-size", "2",
+                           "--repeats", "1", "--workers", "0", "--crop", "32", "--only", *names])
+    assert json.loads((tmp_path / "loader.json").read_text())["configs"].keys() == results["configs"].keys()
+    assert (tmp_path / "loader.png").stat().st_size > 0
+    assert set(results["configs"]) == {f"{n}_p{p}" for n in names for p in ("0", "0.3")}
+    for p in ("p0", "p0.3"):
+        for ref in ("ogm", "floor"):
+            assert set(results["ratios"][f"over_{ref}"][p]) == set(names)
+            assert results["ratios"][f"over_{ref}"][p][ref] == {"samples_per_s": 1.0, "cpu_ms_per_sample": 1.0}
+    assert set(results["targets"]) == {"torch CPU-ms/sample <= ogm (p=0)", "torch CPU-ms/sample <= ogm (p=0.3)"}
+    assert all(c["cpu_ms_per_sample"] > 0 for c in results["configs"].values())
+    table = run.loader_section(results)
+    rows = [line for line in table if line.startswith(("| ogm |", "| wds |", "| torch |", "| floor |"))]
+    assert len(rows) == 2 * len(names)
+    assert all(line.count("|") == table[table.index(rows[0]) - 1].count("|") for line in rows)
+
+
+def test_the_loader_benchmark_counts_the_cpu_time_of_workers_still_alive(monkeypatch: pytest.MonkeyPatch) -> None:
+    loader = bench_module("loader", monkeypatch)
+    before = loader.live_children_cpu_seconds()
+    code = "import time\nt = time.process_time()\nwhile time.process_time() - t < 0.3: pass\ntime.sleep(30)"
+    worker = subprocess.Popen([sys.executable, "-c", code])  # a persistent worker: busy, then alive and idle
+    try:
+        deadline = time.monotonic() + 20
+        while loader.live_children_cpu_seconds() - before < 0.25 and time.monotonic() < deadline:
+            time.sleep(0.05)
+        assert loader.live_children_cpu_seconds() - before >= 0.25  # RUSAGE_CHILDREN has none of it yet
+    finally:
+        worker.kill()
+        worker.wait()
