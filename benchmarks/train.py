@@ -49,6 +49,7 @@ from shards.format import read_dataset_info
 from shards.loader import make_loader
 from trainer.config import Config, load_config
 from trainer.launch import absolute, run_stage
+from trainer.resources import AUTO_MAX_CPUS_PER_WORKER
 from trainer.train import build_optimizer, make_model, stage_loss, to_device
 
 log = logging.getLogger("benchmarks.train")
@@ -276,10 +277,11 @@ def load_bench_config(args: argparse.Namespace, dataset: Path, cores: int, amp: 
     measurement is (`train.amp`); user --set values win."""
     base = load_config(args.config, args.set)
     share = max(1, cores // max(args.workers)) if args.ray else cores
-    cpus = min(int(base.ray.cpus_per_worker), share)
+    cpus = min(AUTO_MAX_CPUS_PER_WORKER if base.ray.cpus_per_worker == "auto" else int(base.ray.cpus_per_worker), share)
+    loaders = cpus if base.data.num_workers == "auto" else min(base.data.num_workers, cpus)
     defaults = [f"data.dataset_dir={dataset}", f"train.epochs={args.epochs}",
                 f"ray.use_gpu={str(args.device == 'gpu').lower()}", f"ray.cpus_per_worker={cpus}",
-                f"data.num_workers={min(base.data.num_workers, cpus)}", f"train.amp={'bf16' if amp else 'none'}"]
+                f"data.num_workers={loaders}", f"train.amp={'bf16' if amp else 'none'}"]
     user_keys = {s.split("=", 1)[0].strip() for s in args.set}
     return absolute(load_config(args.config, [d for d in defaults if d.split("=", 1)[0] not in user_keys] + args.set))
 

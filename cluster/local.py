@@ -46,9 +46,9 @@ import sys
 import tempfile
 import time
 import urllib.request
+from collections.abc import Iterator, Mapping
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Iterator, Mapping
 
 log = logging.getLogger("cluster.local")
 
@@ -333,6 +333,16 @@ def _remove_files(info: ClusterInfo, keep_logs: bool = False) -> None:
     (Path(info.state_dir) / STATE_NAME).unlink(missing_ok=True)
 
 
+def _write_private(path: Path, text: str) -> None:
+    """Write a secret to a new file that is owner-only (0600) from its creation, whatever the umask: a
+    leftover file is removed first, O_EXCL refuses to follow a link planted in its place."""
+    path.unlink(missing_ok=True)
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW, 0o600)
+    with os.fdopen(fd, "w") as out:
+        os.fchmod(fd, 0o600)  # a umask can only take bits away; make the mode exactly 0600
+        out.write(text)
+
+
 def _launch(cmd: list[str], env: dict[str, str], out: Path) -> subprocess.Popen:
     """Run a `ray start` in a new session; its output goes to `out`."""
     log.debug("running %s", " ".join(cmd))
@@ -412,8 +422,7 @@ def start_cluster(workers: int, cpus_per_node: int = 1, state_dir: Path | str = 
         token_path = None
         if auth == "token":
             token_path = state_dir / TOKEN_NAME
-            token_path.write_text(secrets.token_hex(32))
-            token_path.chmod(0o600)
+            _write_private(token_path, secrets.token_hex(32))
         info = ClusterInfo(state_dir=str(state_dir), address=f"{HOST}:{gcs_port}",
                            dashboard_url=f"http://{HOST}:{dash_port}",
                            client_address=f"ray://{HOST}:{client_port}", auth_mode=auth,

@@ -3,15 +3,15 @@
 from __future__ import annotations
 
 import os
+import shutil
 import subprocess
 import sys
 from pathlib import Path
 
 import pytest
 
-from cluster.local import MARKER_ENV, STATE_NAME, ClusterInfo, start_cluster, stop_cluster
-
-pytestmark = pytest.mark.slow
+import cluster.local
+from cluster.local import MARKER_ENV, STATE_NAME, TOKEN_NAME, ClusterInfo, start_cluster, stop_cluster
 
 BIN = Path(sys.executable).parent
 ROOT = Path(__file__).resolve().parent.parent
@@ -51,6 +51,7 @@ def active_nodes(status_output: str) -> int:
     return sum(1 for line in section.splitlines() if "node_" in line)
 
 
+@pytest.mark.slow
 def test_local_cluster_status_job_and_stop(tmp_path: Path) -> None:
     state, other_state = tmp_path / "cluster", tmp_path / "other"
     info = start_cluster(workers=1, cpus_per_node=1, state_dir=state, port=0, dashboard_port=0)
@@ -98,3 +99,43 @@ def test_local_cluster_status_job_and_stop(tmp_path: Path) -> None:
 
     nothing = cli("stop", "--dir", str(state))
     assert nothing.returncode == 2 and "no cluster state" in nothing.stderr, nothing.stderr
+
+
+def test_token_file_is_private_from_its_creation(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The token is written into a file created 0600 (O_CREAT|O_EXCL), never into one that other users
+    could open before a chmod; a leftover token file is replaced, not reused. No Ray node is started."""
+    created = []
+    real_open = os.open
+
+    def spy_open(path, flags, mode=0o777, *args, **kwargs):
+        fd = real_open(path, flags, mode, *args, **kwargs)
+        if Path(path).name == TOKEN_NAME:
+            stat = os.fstat(fd)
+            created.append((flags, stat.st_mode & 0o777, stat.st_size))
+        return fd
+
+    seen = {}
+
+    def stop_before_nodes(info: ClusterInfo, *args) -> None:
+        seen["mode"] = os.stat(info.token_path).st_mode & 0o777
+        seen["token"] = Path(info.token_path).read_text()
+        seen["temp_root"] = info.temp_root
+        raise RuntimeError("no nodes in this test")
+
+    monkeypatch.setattr(os, "open", spy_open)
+    monkeypatch.setattr(cluster.local, "_start_nodes", stop_before_nodes)
+    leftover = tmp_path / TOKEN_NAME
+    leftover.write_text("stale")
+    leftover.chmod(0o644)
+    umask = os.umask(0)  # the most permissive umask: a file made with default permissions would be 0666
+    try:
+        with pytest.raises(RuntimeError, match="no nodes in this test"):
+            start_cluster(0, 1, tmp_path, port=0, dashboard_port=0)
+    finally:
+        os.umask(umask)
+        shutil.rmtree(seen.get("temp_root", tmp_path / "none"), ignore_errors=True)
+    assert len(created) == 1, "the token file must be created by os.open with its mode"
+    flags, mode_at_creation, size_at_creation = created[0]
+    assert flags & os.O_CREAT and flags & os.O_EXCL
+    assert (mode_at_creation, size_at_creation) == (0o600, 0)  # private before a byte of the token is in it
+    assert seen["mode"] == 0o600 and len(seen["token"]) == 64 and seen["token"] != "stale"

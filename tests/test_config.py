@@ -89,7 +89,7 @@ def test_wrong_type_names_the_key_and_the_expected_type(tmp_path):
         load_config(write(tmp_path, '[train]\nepochs = "ten"\n'))
     with pytest.raises(ConfigError, match=r"data\.batch_size must be int, got float"):
         load_config(CONFIGS / "av_digits.toml", ["data.batch_size=64.5"])
-    with pytest.raises(ConfigError, match=r"ray\.use_gpu must be bool, got int"):
+    with pytest.raises(ConfigError, match=r"ray\.use_gpu must be bool or 'auto', got int"):
         load_config(CONFIGS / "av_digits.toml", ["ray.use_gpu=1"])
     with pytest.raises(ConfigError, match=r"eval\.rates\[1\] must be float, got str"):
         load_config(CONFIGS / "av_digits.toml", ['eval.rates=[0.1, "half"]'])
@@ -110,6 +110,33 @@ def test_wrong_type_names_the_key_and_the_expected_type(tmp_path):
 def test_invalid_values_name_the_allowed_ones(override, message):
     with pytest.raises(ConfigError, match=message):
         load_config(CONFIGS / "av_digits.toml", [override])
+
+
+@pytest.mark.parametrize("name", ["kinetics_sound", "ave", "food101", "mm_imdb"])
+def test_gpu_reference_configs_leave_gpu_and_cpu_counts_to_the_cluster(name):
+    cfg = load_config(CONFIGS / f"{name}.toml")
+    assert (cfg.ray.use_gpu, cfg.ray.cpus_per_worker, cfg.data.num_workers) == ("auto", "auto", "auto")
+    assert cfg.ray.resume == "same" and cfg.ray.resource_timeout_s > 0
+
+
+def test_auto_or_a_typed_value_and_a_bad_one_names_the_key_and_the_allowed_values():
+    cfg = load_config(CONFIGS / "av_digits.toml", ["ray.use_gpu=auto", "ray.cpus_per_worker=auto",
+                                                   'data.num_workers="auto"', "ray.resume=extend"])
+    assert (cfg.ray.use_gpu, cfg.ray.cpus_per_worker, cfg.data.num_workers, cfg.ray.resume) == (
+        "auto", "auto", "auto", "extend")
+    cfg = load_config(CONFIGS / "food101.toml", ["ray.use_gpu=false", "ray.cpus_per_worker=3", "data.num_workers=0"])
+    assert (cfg.ray.use_gpu, cfg.ray.cpus_per_worker, cfg.data.num_workers) == (False, 3.0, 0)
+    for override, message in [
+        ("ray.use_gpu=yes", r"ray\.use_gpu must be bool or 'auto', got str 'yes'"),
+        ("ray.cpus_per_worker=all", r"ray\.cpus_per_worker must be float or 'auto', got str 'all'"),
+        ("ray.cpus_per_worker=0", r"ray\.cpus_per_worker = 0\.0; it must be > 0 or \"auto\""),
+        ("data.num_workers=1.5", r"data\.num_workers must be int or 'auto', got float 1\.5"),
+        ("data.num_workers=-1", r"data\.num_workers = -1; it must be >= 0 or \"auto\""),
+        ("ray.resume=extnd", r"ray\.resume = 'extnd' is not allowed; did you mean 'extend'\? use one of: same, extend"),
+        ("ray.resource_timeout_s=-1", r"ray\.resource_timeout_s = -1\.0; it must be >= 0 seconds"),
+    ]:
+        with pytest.raises(ConfigError, match=message):
+            load_config(CONFIGS / "food101.toml", [override])
 
 
 def test_independent_scheme_takes_per_modality_probabilities():

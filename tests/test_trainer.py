@@ -1,13 +1,16 @@
 """The recipe on Ray Train: stages, checkpoints, resume after a killed worker, evaluation, errors."""
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
 import time
 from pathlib import Path
+from types import SimpleNamespace
 
 import pytest
 import torch
@@ -20,11 +23,13 @@ from pipeline.demo import make_demo  # noqa: E402
 from shards.format import read_dataset_info  # noqa: E402
 from shards.loader import make_loader  # noqa: E402
 from trainer.checkpoint import load_state  # noqa: E402
-from trainer.config import load_config  # noqa: E402
+from trainer.config import ConfigError, load_config  # noqa: E402
+from trainer.launch import absolute, check_same_run, run_stage, stage_config  # noqa: E402
 from trainer.launch import main as launch_main  # noqa: E402
 from trainer.models import build_model  # noqa: E402
 
 PYTHON = sys.executable
+CONFIG = ROOT / "trainer" / "configs" / "av_digits.toml"
 
 
 @pytest.fixture(scope="module")
@@ -201,3 +206,302 @@ def test_ray_job_submit_runs_launch_on_a_cluster(digits: Path, tmp_path: Path) -
     finally:
         stop_cluster(state)
     assert not info.alive()
+
+
+def _set(*overrides: str) -> list[str]:
+    return [arg for o in overrides for arg in ("--set", o)]
+
+
+def test_storage_path_that_is_a_file_is_one_line_naming_it(digits: Path, tmp_path: Path,
+                                                           capsys: pytest.CaptureFixture) -> None:
+    blocker = tmp_path / "runs"
+    blocker.write_text("not a directory")
+    for storage in (blocker, blocker / "below"):
+        assert launch_main(["--config", str(CONFIG), *_set(f"data.dataset_dir={digits}",
+                                                           f"ray.storage_path={storage}")]) == 2
+        assert capsys.readouterr().err == (
+            f"error: ray.storage_path = {storage}: {blocker} is a file, not a directory; pass --set "
+            f"ray.storage_path=<a directory> or move the file away\n")
+
+
+def _fake_checkpoint(run_dir: Path, config, stage: str, epoch: int, init: dict | None = None) -> Path:
+    """A state.pt recording what a stage was trained with, as train_loop_per_worker writes it."""
+    ckpt = run_dir / f"checkpoint_2026-01-01_00-00-{epoch:02d}.000000"
+    ckpt.mkdir(parents=True)
+    torch.save({"model": {}, "epoch": epoch, "stage": stage, "metrics": {}, "init": init,
+                "config": dataclasses.asdict(stage_config(config, stage))}, ckpt / "state.pt")
+    return ckpt
+
+
+def test_rerun_with_other_settings_is_refused_listing_them_and_the_ways_out(digits: Path, tmp_path: Path,
+                                                                           capsys: pytest.CaptureFixture) -> None:
+    base = [f"data.dataset_dir={digits}", f"ray.storage_path={tmp_path}", "train.epochs=2"]
+
+    def cfg(*more: str):
+        return load_config(CONFIG, base + list(more))
+
+    for stage in ("unimodal", "joint", "joint_dropout"):
+        _fake_checkpoint(tmp_path / f"av_digits-{stage}", cfg(), stage, 2)
+    # through the CLI: one line and exit 2, before Ray starts
+    assert launch_main(["--config", str(CONFIG), *_set(*base, "train.lr=0.01", "train.optimizer=sgd"),
+                        "--stages", "unimodal"]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and err.startswith("error: stage unimodal in "), err
+    assert "(train.optimizer: 'adamw' -> 'sgd', train.lr: 0.001 -> 0.01)" in err
+    assert "a new --set ray.run_name=..." in err and "ray.resume=extend only lets the epochs grow" in err
+
+    unimodal = tmp_path / "av_digits-unimodal"
+    with pytest.raises(ConfigError, match=r"\(train\.epochs: 2 -> 3\); .*since only the epochs grew, "
+                                          r"--set ray\.resume=extend to train it on"):
+        check_same_run(cfg("train.epochs=3"), "unimodal", unimodal)
+    assert check_same_run(cfg("train.epochs=3", "ray.resume=extend"), "unimodal", unimodal) is False
+    for other, diff in (("train.epochs=1", r"train\.epochs: 2 -> 1"),
+                        ("train.lr_milestones=[1]", r"train\.lr_milestones: \[4\] -> \[1\]"),
+                        ("data.batch_size=8", r"data\.batch_size: 64 -> 8")):
+        with pytest.raises(ConfigError, match=diff):  # extend lets the epochs grow, nothing else
+            check_same_run(cfg(other, "ray.resume=extend"), "unimodal", unimodal)
+    # how it runs may change; joint is trained without modality dropout whatever [train] says
+    how = cfg("data.backend=torch", "data.num_workers=0", "ray.num_workers=2", "ray.cpus_per_worker=1",
+              "train.amp=bf16", "eval.rates=[0.5]")
+    assert check_same_run(stage_config(how, "joint"), "joint", tmp_path / "av_digits-joint") is False
+    with pytest.raises(ConfigError, match=r"train\.modality_dropout: 0\.5 -> 0\.2"):
+        check_same_run(cfg("train.modality_dropout=0.2"), "joint_dropout", tmp_path / "av_digits-joint_dropout")
+
+    # mma records the UME checkpoint it started from: a changed one is refused, or retrained with extend
+    ume = {"checkpoint": "checkpoint_a", "epoch": 2}
+    mma = _fake_checkpoint(tmp_path / "av_digits-mma", cfg(), "mma", 3, init=ume).parent
+    assert check_same_run(cfg(), "mma", mma, ume) is False
+    longer = {"checkpoint": "checkpoint_b", "epoch": 4}
+    with pytest.raises(ConfigError, match=r"trained from the unimodal checkpoint checkpoint_a \(epoch 2\), the "
+                                          r"unimodal stage now ends at checkpoint_b \(epoch 4\); pass --set "
+                                          r"ray\.resume=extend"):
+        check_same_run(cfg(), "mma", mma, longer)
+    assert check_same_run(cfg("ray.resume=extend"), "mma", mma, longer) is True
+
+
+class _Killed(Exception):
+    """The driver dying between an epoch's metrics row and the registration of its checkpoint."""
+
+
+class FakeRayTrain:
+    """Ray Train for one worker in this process, with Ray's storage layout: `report` writes the epoch's
+    checkpoint to <run_dir>/checkpoint_<epoch> (or dies at `killed_at`), `get_checkpoint` hands back the
+    newest one there (as Ray Train does when a run of the same name starts again), and `trainer` stands in
+    for `TorchTrainer(...)`, whose `fit()` runs the loop here."""
+
+    def __init__(self, monkeypatch: pytest.MonkeyPatch) -> None:
+        import ray.train
+        import ray.train.torch
+
+        self.run_dir: Path | None = None
+        self.killed_at: int | None = None
+        self.reported: dict[tuple[str, int], dict] = {}
+        monkeypatch.setattr(ray.train, "get_context", lambda: SimpleNamespace(get_world_rank=lambda: 0,
+                                                                              get_world_size=lambda: 1))
+        monkeypatch.setattr(ray.train, "get_checkpoint", self.get_checkpoint)
+        monkeypatch.setattr(ray.train, "report", self.report)
+        monkeypatch.setattr(ray.train.torch, "get_device", lambda: torch.device("cpu"))
+        monkeypatch.setattr(ray.train.torch, "prepare_model", lambda model, **kwargs: model)
+        monkeypatch.setattr(ray.train.torch, "TorchTrainer", self.trainer)
+
+    def get_checkpoint(self):
+        import ray.train
+
+        found = sorted(self.run_dir.glob("checkpoint_*"))
+        return ray.train.Checkpoint.from_directory(str(found[-1])) if found else None
+
+    def report(self, row: dict, checkpoint) -> None:
+        if row["epoch"] == self.killed_at:
+            raise _Killed
+        shutil.copytree(checkpoint.path, self.run_dir / f"checkpoint_{row['epoch']:06d}")
+        self.reported[row["stage"], row["epoch"]] = row
+
+    def trainer(self, loop, *, train_loop_config: dict, run_config, **kwargs) -> SimpleNamespace:
+        def fit() -> None:
+            self.run_dir = Path(run_config.storage_path) / run_config.name
+            self.run_dir.mkdir(parents=True, exist_ok=True)
+            loop(train_loop_config)
+        return SimpleNamespace(fit=fit)
+
+
+@pytest.fixture
+def fake_ray_train(monkeypatch: pytest.MonkeyPatch):
+    threads = torch.get_num_threads()  # the loop sets this process's thread count (1: fast on busy cores)
+    yield FakeRayTrain(monkeypatch)
+    torch.set_num_threads(threads)
+
+
+SMALL = ["data.backend=torch", "data.num_workers=0", "data.batch_size=32", "model.width=4", "data.crop_size=32",
+         "ray.cpus_per_worker=1"]
+
+
+def _loop_config(digits: Path, metrics: Path, *overrides: str) -> dict:
+    config = load_config(CONFIG, [f"data.dataset_dir={digits}", *SMALL, *overrides])
+    return {"config": dataclasses.asdict(config), "stage": "unimodal", "init_from": None, "init": None,
+            "metrics_path": str(metrics)}
+
+
+def _rows(metrics: Path) -> list[dict]:
+    return [json.loads(line) for line in metrics.read_text().splitlines()]
+
+
+def test_an_epoch_trained_again_after_a_kill_has_one_metrics_row(digits: Path, tmp_path: Path,
+                                                                 fake_ray_train: FakeRayTrain) -> None:
+    """Killed after epoch 2's row and before its checkpoint, the loop resumes from epoch 1's checkpoint and
+    trains epoch 2 again: metrics.jsonl keeps that epoch's new row only."""
+    from trainer.train import train_loop_per_worker
+
+    fake_ray_train.run_dir, metrics = tmp_path / "run", tmp_path / "metrics.jsonl"
+    fake_ray_train.run_dir.mkdir()
+    loop_config = _loop_config(digits, metrics, "train.epochs=2")
+    fake_ray_train.killed_at = 2
+    with pytest.raises(_Killed):
+        train_loop_per_worker(loop_config)
+    rows = _rows(metrics)
+    assert [(r["stage"], r["epoch"]) for r in rows] == [("unimodal", 1), ("unimodal", 2)]
+
+    fake_ray_train.killed_at = None
+    train_loop_per_worker(loop_config)
+    again = _rows(metrics)
+    assert [(r["stage"], r["epoch"]) for r in again] == [("unimodal", 1), ("unimodal", 2)]
+    assert again[0] == rows[0] and again[1] == fake_ray_train.reported["unimodal", 2] != rows[1]
+
+
+def test_an_extended_stage_takes_the_lr_drop_its_shorter_schedule_cut(digits: Path, tmp_path: Path,
+                                                                    fake_ray_train: FakeRayTrain) -> None:
+    """A 1-epoch run drops milestone 1 (it would only act after the last epoch); extended to 2 epochs, the
+    stage trains epoch 2 at the dropped lr, as a 2-epoch run does."""
+    from trainer.train import train_loop_per_worker
+
+    fake_ray_train.run_dir, metrics = tmp_path / "run", tmp_path / "metrics.jsonl"
+    fake_ray_train.run_dir.mkdir()
+    train_loop_per_worker(_loop_config(digits, metrics, "train.epochs=1", "train.lr_milestones=[1]"))
+    train_loop_per_worker(_loop_config(digits, metrics, "train.epochs=2", "train.lr_milestones=[1]"))
+    assert [(r["epoch"], r["lr"]) for r in _rows(metrics)] == [(1, pytest.approx(1e-3)), (2, pytest.approx(1e-4))]
+
+
+def test_extend_retrains_mma_from_the_longer_ume_and_refuses_it_without(digits: Path, tmp_path: Path,
+                                                                      fake_ray_train: FakeRayTrain,
+                                                                      monkeypatch: pytest.MonkeyPatch) -> None:
+    """The launcher's stages over the stand-in trainer: UME extended from 1 to 2 epochs leaves the mma run
+    trained from the 1-epoch UME; without extend that is refused, with it the old mma run is moved aside
+    and mma trained again from the longer UME, its old metrics row replaced."""
+    import trainer.launch
+
+    monkeypatch.setattr(trainer.launch, "ensure_fits", lambda *args, **kwargs: None)  # no cluster here
+    storage = tmp_path / "runs"
+    (storage / "av_digits").mkdir(parents=True)
+
+    def cfg(*more: str):
+        return absolute(load_config(CONFIG, [f"data.dataset_dir={digits}", f"ray.storage_path={storage}", *SMALL,
+                                             "train.epochs=1", "mma.epochs=1", *more]))
+
+    ume = run_stage(cfg(), "unimodal", None, storage)
+    old_mma = run_stage(cfg(), "mma", ume, storage)
+    assert load_state(old_mma)["init"] == {"checkpoint": ume.name, "epoch": 1}
+    longer = run_stage(cfg("train.epochs=2", "ray.resume=extend"), "unimodal", None, storage)
+    assert load_state(longer)["epoch"] == 2 and longer != ume
+
+    with pytest.raises(ConfigError, match=rf"trained from the unimodal checkpoint {ume.name} \(epoch 1\), the "
+                                          rf"unimodal stage now ends at {longer.name} \(epoch 2\)"):
+        run_stage(cfg("train.epochs=2"), "mma", longer, storage)
+    mma = run_stage(cfg("train.epochs=2", "ray.resume=extend"), "mma", longer, storage)
+    assert (storage / "av_digits-mma.superseded-1" / old_mma.name).is_dir()
+    assert load_state(mma)["init"] == {"checkpoint": longer.name, "epoch": 2}
+    rows = metrics_rows(storage, "av_digits")
+    assert [(r["stage"], r["epoch"]) for r in rows] == [("unimodal", 1), ("unimodal", 2), ("mma", 1)]
+    assert rows[-1] == fake_ray_train.reported["mma", 1]  # the new mma row, not the old one
+    assert run_stage(cfg("train.epochs=2"), "mma", longer, storage) == mma  # consistent now: skipped
+
+
+def test_ctrl_c_is_one_line_naming_what_finished_and_exit_130(digits: Path, tmp_path: Path,
+                                                             monkeypatch: pytest.MonkeyPatch,
+                                                             capsys: pytest.CaptureFixture) -> None:
+    import trainer.launch
+
+    def interrupted(config, stages, progress):
+        progress.finished.append("unimodal")
+        progress.current = "joint"
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(trainer.launch, "run_recipe", interrupted)
+    previous = signal.getsignal(signal.SIGINT)
+    try:
+        assert launch_main(["--config", str(CONFIG), *_set(f"data.dataset_dir={digits}",
+                                                           f"ray.storage_path={tmp_path}")]) == 130
+    finally:
+        signal.signal(signal.SIGINT, previous)
+    assert capsys.readouterr().err == ("interrupted: stopped during joint (finished: unimodal); rerun the same "
+                                       "command to resume from the last checkpoints (finished stages are skipped)\n")
+
+
+def _driver_tracebacks(out: str) -> list[str]:
+    """Tracebacks the launcher printed (not those Ray's own actors log, prefixed "(Name pid=N)")."""
+    return [line for line in out.splitlines() if "Traceback" in line and "pid=" not in line]
+
+
+@pytest.fixture(scope="module")
+def local_ray() -> str:
+    """A local Ray in this process (2 CPUs) for tests that call the stages in-process, and its address for
+    launchers that join it; shut down after the module (also when an earlier in-process launch started it)."""
+    import ray
+
+    if not ray.is_initialized():
+        ray.init(address="local", num_cpus=2, log_to_driver=False)
+    yield ray.get_runtime_context().gcs_address
+    ray.shutdown()
+
+
+def test_ctrl_c_stops_training_in_seconds_and_the_rerun_resumes(digits: Path, tmp_path: Path,
+                                                                 local_ray: str) -> None:
+    """Ctrl-C during epoch 2 exits 130 within seconds in one line; a rerun with more epochs is refused, and
+    with ray.resume=extend it resumes from the checkpoint the interrupted run left (epoch 1 is not trained
+    again) and trains on to the new count (Ray Train restoring a run of the same name)."""
+    storage = tmp_path / "runs"
+    settings = {"data.backend": "torch", "model.width": 8, "data.batch_size": 32, "train.epochs": 2}
+    # the launcher joins this process's Ray (as under `ray job submit`): no second cluster to start
+    proc = launch(["--config", "trainer/configs/av_digits.toml", "--stages", "unimodal",
+                   *overrides(digits, storage, **settings)], env={"RAY_ADDRESS": local_ray}, start_new_session=True)
+    # Ray Train's record of the checkpoints it registered: once epoch 1's is there, a rerun resumes from it
+    snapshot = storage / "av_digits-unimodal" / "checkpoint_manager_snapshot.json"
+    deadline = time.time() + 300
+    while proc.poll() is None and time.time() < deadline and not (
+            snapshot.is_file() and "checkpoint_dir_name" in snapshot.read_text()):
+        time.sleep(0.2)
+    assert proc.poll() is None, proc.communicate()[0][-3000:]
+    sent = time.monotonic()
+    os.killpg(proc.pid, signal.SIGINT)  # what Ctrl-C in a terminal does: the whole foreground process group
+    out, _ = proc.communicate(timeout=120)
+    took = time.monotonic() - sent
+    assert proc.returncode == 130, out[-3000:]
+    assert took < 30, took  # measured: about 6 s on 2 busy cores (Ray Train's own handler: 14 s, exit 1)
+    assert not _driver_tracebacks(out), out[-3000:]
+    assert [line for line in out.splitlines() if line.startswith("interrupted: ")] == [
+        "interrupted: stopped during unimodal (no stage finished); rerun the same command to resume from the "
+        "last checkpoints (finished stages are skipped)"]
+    first = metrics_rows(storage, "av_digits")[0]
+
+    def cfg(*more: str):  # the same settings, run in this process by the stage function launch.py calls
+        return absolute(load_config(CONFIG, [*(f"{k}={v}" for k, v in settings.items()),
+                                             f"data.dataset_dir={digits}", f"ray.storage_path={storage}",
+                                             "data.num_workers=1", "ray.cpus_per_worker=1", *more]))
+
+    with pytest.raises(ConfigError, match=r"train\.epochs: 2 -> 3\); .*--set ray\.resume=extend"):
+        run_stage(cfg("train.epochs=3"), "unimodal", None, storage)
+    ume = run_stage(cfg("train.epochs=3", "ray.resume=extend"), "unimodal", None, storage)
+    assert load_state(ume)["epoch"] == 3
+    rows = metrics_rows(storage, "av_digits")
+    assert [r["epoch"] for r in rows] == [1, 2, 3] and rows[0] == first  # epoch 1 was not trained again
+
+
+def test_a_stage_the_cluster_cannot_hold_is_refused_in_one_line(digits: Path, tmp_path: Path, local_ray,
+                                                               capsys: pytest.CaptureFixture) -> None:
+    args = ["--config", str(CONFIG), *_set(f"data.dataset_dir={digits}", f"ray.storage_path={tmp_path}",
+                                           "ray.cpus_per_worker=4096"), "--stages", "unimodal"]
+    started = time.monotonic()
+    assert launch_main(args) == 2
+    assert time.monotonic() - started < 30
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1, err
+    assert err.startswith("error: stage unimodal needs 1 x (4096 CPUs) = 4096 CPUs but the Ray cluster has "), err
+    assert "pass --set ray.cpus_per_worker=" in err

@@ -1,6 +1,7 @@
 """Checkpoints: one directory per epoch holding `state.pt` (rank 0: model, optimizer, scheduler, epoch,
-RNG, config, metrics) and `loader-rank<r>.pt` (each worker's loader position). Everything is saved as
-tensors and plain Python values so `torch.load(weights_only=True)` reads it."""
+RNG, config, metrics, the checkpoint the stage started from) and `loader-rank<r>.pt` (each worker's loader
+position). Everything is saved as tensors and plain Python values so `torch.load(weights_only=True)` reads
+it."""
 from __future__ import annotations
 
 from pathlib import Path
@@ -16,9 +17,12 @@ class CheckpointMismatch(ValueError):
 
 
 def save_state(directory: Path, *, model: torch.nn.Module, optimizer: torch.optim.Optimizer | None,
-               scheduler: Any, epoch: int, stage: str, config: dict, metrics: dict) -> None:
-    """Write state.pt (model weights unwrapped from DDP)."""
+               scheduler: Any, epoch: int, stage: str, config: dict, metrics: dict,
+               init: dict | None = None) -> None:
+    """Write state.pt (model weights unwrapped from DDP); `init` names the checkpoint the stage started
+    from (mma: the UME checkpoint's directory name and epoch), so a rerun can tell when it changed."""
     state = {
+        "init": init,
         "model": unwrap(model).state_dict(),
         "optimizer": optimizer.state_dict() if optimizer is not None else {},
         "scheduler": scheduler.state_dict() if scheduler is not None else {},

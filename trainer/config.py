@@ -3,6 +3,10 @@
 One TOML file per dataset lives in ``trainer/configs/``. Relative paths in a config (``data.dataset_dir``,
 ``model.pretrained.*``, ``ray.storage_path``) are relative to the current working directory of the
 process that loads it; stages resolve them to absolute paths before handing them to Ray workers.
+
+``ray.use_gpu``, ``ray.cpus_per_worker`` and ``data.num_workers`` also accept ``"auto"``: the launcher
+replaces it with a value that fits the Ray cluster it runs on (``trainer.resources.resolve_auto``) before
+any stage starts, so the stages and the Ray workers only ever see concrete values.
 """
 
 from __future__ import annotations
@@ -11,13 +15,16 @@ import dataclasses
 import difflib
 import math
 import tomllib
+import types
 import typing
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 MODALITIES = ("visual", "audio", "text")
 SCENARIO_KINDS = ("full", "missing", "rate")
+AUTO = "auto"
+RESUME_MODES = ("same", "extend")
 
 
 class ConfigError(ValueError):
@@ -31,7 +38,7 @@ class DataConfig:
     dataset_dir: str  # OUT/<dataset> of `pipeline build-shards` (holds dataset.json)
     batch_size: int = 64  # per Ray worker
     backend: str = "auto"  # "dali" | "torch" | "auto" (DALI when importable, else the torch loader)
-    num_workers: int = 4  # loader worker processes/threads per Ray worker
+    num_workers: int | Literal["auto"] = 4  # loader worker processes/threads per Ray worker; "auto": one per CPU
     crop_size: int = 224  # square frame crop (random-resized in training, center in eval)
     min_crop_area: float = 0.35  # training random-resized crop keeps this..100% of the frame area
     flip: bool = True  # random horizontal flips in training (off for digits and text-like images)
@@ -85,11 +92,17 @@ class RayConfig:
     """``[ray]``: Ray Train scaling, storage and fault tolerance."""
 
     num_workers: int = 1  # DDP workers (ScalingConfig.num_workers)
-    use_gpu: bool = False
+    use_gpu: bool | Literal["auto"] = False  # "auto": true iff the Ray cluster has GPUs
     storage_path: str = "work/ray_results"  # RunConfig.storage_path (made absolute by the stage)
     run_name: str = "ume_mma"  # RunConfig.name; rerunning with the same name resumes
     max_failures: int = 0  # FailureConfig.max_failures (-1 = retry forever)
-    cpus_per_worker: float = 1.0  # ScalingConfig.resources_per_worker["CPU"]
+    # ScalingConfig.resources_per_worker["CPU"]; "auto": the cluster's CPUs shared by the workers, 1..8
+    cpus_per_worker: float | Literal["auto"] = 1.0
+    # "same": a rerun resumes or skips stages trained with the same settings and refuses changed ones;
+    # "extend": a finished stage whose epochs grew trains on to the new count (stages after it rerun)
+    resume: str = "same"
+    # a cluster that can grow (autoscaler) gets this long to provide the workers' resources; 0: fail at once
+    resource_timeout_s: float = 600.0
 
 
 @dataclass
@@ -222,6 +235,17 @@ def _build_section(section_type: type, raw: Any, name: str, source: str) -> Any:
 def _coerce(value: Any, expected: Any, key: str, source: str) -> Any:
     """Check ``value`` against a field type (int is accepted for float); return it in that type."""
     origin = typing.get_origin(expected)
+    if origin is Literal:
+        if value not in typing.get_args(expected) or isinstance(value, bool):
+            raise _type_error(value, expected, key, source)
+        return value
+    if origin in (typing.Union, types.UnionType):  # e.g. bool | Literal["auto"]: the first that fits
+        for option in typing.get_args(expected):
+            try:
+                return _coerce(value, option, key, source)
+            except ConfigError:
+                continue
+        raise _type_error(value, expected, key, source)
     if origin is list:
         if not isinstance(value, list):
             raise _type_error(value, expected, key, source)
@@ -241,8 +265,18 @@ def _coerce(value: Any, expected: Any, key: str, source: str) -> Any:
 
 def _type_error(value: Any, expected: Any, key: str, source: str) -> ConfigError:
     """A type mismatch error naming the key and showing the expected TOML type."""
-    name = getattr(expected, "__name__", str(expected))
-    return ConfigError(f"{source}: {key} must be {name}, got {type(value).__name__} {value!r}; fix the value's type")
+    return ConfigError(f"{source}: {key} must be {_type_name(expected)}, got {type(value).__name__} {value!r}; "
+                       f"fix the value's type")
+
+
+def _type_name(expected: Any) -> str:
+    """A field type as a user reads it: ``int``, ``bool or 'auto'``."""
+    origin = typing.get_origin(expected)
+    if origin is Literal:
+        return " or ".join(repr(v) for v in typing.get_args(expected))
+    if origin in (typing.Union, types.UnionType):
+        return " or ".join(_type_name(option) for option in typing.get_args(expected))
+    return getattr(expected, "__name__", str(expected))
 
 
 def _validate(config: Config, source: str) -> None:
@@ -267,7 +301,7 @@ def _validate(config: Config, source: str) -> None:
         ("model.width", model.width),
     ):
         require(value > 0, key, value, "a positive integer")
-    require(data.num_workers >= 0, "data.num_workers", data.num_workers, ">= 0")
+    require(data.num_workers == AUTO or data.num_workers >= 0, "data.num_workers", data.num_workers, '>= 0 or "auto"')
     require(0 < data.min_crop_area <= 1, "data.min_crop_area", data.min_crop_area, "in (0, 1]")
 
     choose("model.fusion", model.fusion, ("sum", "concat"))
@@ -309,7 +343,10 @@ def _validate(config: Config, source: str) -> None:
         )
 
     require(ray.num_workers >= 1, "ray.num_workers", ray.num_workers, ">= 1")
-    require(ray.cpus_per_worker > 0, "ray.cpus_per_worker", ray.cpus_per_worker, "> 0")
+    require(ray.cpus_per_worker == AUTO or ray.cpus_per_worker > 0, "ray.cpus_per_worker", ray.cpus_per_worker,
+            '> 0 or "auto"')
+    choose("ray.resume", ray.resume, RESUME_MODES)
+    require(ray.resource_timeout_s >= 0, "ray.resource_timeout_s", ray.resource_timeout_s, ">= 0 seconds")
     require(ray.max_failures >= -1, "ray.max_failures", ray.max_failures, ">= -1 (-1 retries forever)")
     require(bool(ray.run_name), "ray.run_name", ray.run_name, "a non-empty name")
 

@@ -5,16 +5,25 @@
 
 Each training stage is a Ray Train `TorchTrainer` run named `<run_name>-<stage>` under
 `ray.storage_path`; rerunning the same command resumes every stage from its last checkpoint and skips
-finished ones. Results go to `<storage_path>/<run_name>/results/` (results.md, results.json,
-missing_rate.png) and per-epoch metrics to `<storage_path>/<run_name>/metrics.jsonl`."""
+finished ones. A rerun whose settings differ from what a stage's checkpoints recorded is refused, naming
+the differences; `--set ray.resume=extend` lets a stage whose epochs alone grew train on to the new
+count, and retrains `mma` from scratch when its UME checkpoint changed (the old run is moved aside to
+`<run_name>-mma.superseded-<n>`). Before a stage starts, its workers' resources are checked against the
+cluster (`trainer/resources.py`); Ctrl-C stops the run within seconds (exit 130) and the next run resumes.
+Results go to `<storage_path>/<run_name>/results/` (results.md, results.json, missing_rate.png) and
+per-epoch metrics to `<storage_path>/<run_name>/metrics.jsonl`."""
 from __future__ import annotations
 
 import argparse
 import dataclasses
 import logging
 import os
+import signal
 import sys
+import threading
+from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 if __package__ in (None, ""):  # `python trainer/launch.py` from the repository root or a job's working dir
     sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
@@ -24,13 +33,37 @@ from shards.format import FormatError, read_dataset_info  # noqa: E402
 from shards.scenarios import ScenarioError  # noqa: E402
 from trainer.checkpoint import CheckpointMismatch, load_state  # noqa: E402
 from trainer.config import Config, ConfigError, load_config  # noqa: E402
+from trainer.resources import cluster_view, ensure_fits, has_auto, resolve_auto  # noqa: E402
 
 log = logging.getLogger("trainer.launch")
 TRAIN_STAGES = ("unimodal", "joint", "joint_dropout", "mma")
+# What a stage trains (rerunning with other values is refused); loader and Ray settings (data.backend,
+# data.num_workers, ray.*), train.amp and [eval] may change between runs.
+COMMON_SETTINGS = ("data.dataset_dir", "data.batch_size", "data.crop_size", "data.min_crop_area", "data.flip",
+                   "train.seed", "train.optimizer", "train.momentum", "train.weight_decay")
+STAGE_SETTINGS = {
+    "unimodal": ("train.epochs", "train.lr", "train.lr_milestones", "train.lr_gamma"),
+    "joint": ("train.epochs", "train.lr", "train.lr_milestones", "train.lr_gamma"),
+    "joint_dropout": ("train.epochs", "train.lr", "train.lr_milestones", "train.lr_gamma", "train.modality_dropout"),
+    "mma": ("mma.epochs", "mma.lr", "mma.scheme", "mma.drop_probs"),
+}
 
 
 def stage_epochs(config: Config, stage: str) -> int:
     return config.mma.epochs if stage == "mma" else config.train.epochs
+
+
+def stage_config(config: Config, stage: str) -> Config:
+    """The config a stage trains with: `joint` is the fused model without modality dropout."""
+    if stage == "joint":
+        return dataclasses.replace(config, train=dataclasses.replace(config.train, modality_dropout=0.0))
+    return config
+
+
+def stage_settings(config: dict[str, Any], stage: str) -> dict[str, Any]:
+    """`section.key` -> value for everything that decides what `stage` trains (from `asdict(config)`)."""
+    keys = [f"model.{k}" for k in config["model"]] + list(COMMON_SETTINGS) + list(STAGE_SETTINGS[stage])
+    return {key: config.get(key.split(".")[0], {}).get(key.split(".")[1]) for key in keys}
 
 
 def finished_checkpoint(run_dir: Path, epochs: int) -> Path | None:
@@ -54,18 +87,24 @@ def run_stage(config: Config, stage: str, init_from: Path | None, storage: Path)
     from trainer.train import train_loop_per_worker
 
     name = f"{config.ray.run_name}-{stage}"
+    config = stage_config(config, stage)
     epochs = stage_epochs(config, stage)
-    check_same_run(config, stage, storage / name)
+    init = init_record(init_from)
+    if check_same_run(config, stage, storage / name, init):
+        aside = supersede(storage / name)
+        log.info("stage %s: the unimodal checkpoint it started from has changed (ray.resume=extend); training "
+                 "it again from scratch, the old run moved to %s", stage, aside)
     done = finished_checkpoint(storage / name, epochs)
     if done is not None:
         log.info("stage %s already finished (%s); skipping", stage, done)
         return done
     if init_from is not None:
         check_fits(config, init_from)
-    if stage == "joint":
-        config = dataclasses.replace(config, train=dataclasses.replace(config.train, modality_dropout=0.0))
+    if has_auto(config):  # callers other than run_recipe (benchmarks) may pass "auto" settings
+        config = resolve_auto(config, cluster_view())
+    ensure_fits(config, f"stage {stage}", config.ray.num_workers)
     loop_config = {"config": dataclasses.asdict(config), "stage": stage,
-                   "init_from": str(init_from) if init_from else None,
+                   "init_from": str(init_from) if init_from else None, "init": init,
                    "metrics_path": str(storage / config.ray.run_name / "metrics.jsonl")}
     trainer = TorchTrainer(
         train_loop_per_worker,
@@ -78,7 +117,7 @@ def run_stage(config: Config, stage: str, init_from: Path | None, storage: Path)
     )
     log.info("stage %s: %d epochs on %d worker(s)", stage, epochs, config.ray.num_workers)
     try:
-        trainer.fit()
+        _fit(trainer, stage)
     except Exception as exc:  # Ray Train raises the workers' error: report its cause in one line
         cause = exc
         while cause.__cause__ is not None:
@@ -91,25 +130,88 @@ def run_stage(config: Config, stage: str, init_from: Path | None, storage: Path)
     return done
 
 
+def _fit(trainer, stage: str) -> None:
+    """`trainer.fit()` in a helper thread, so that Ctrl-C reaches this (main) thread at once. From the
+    main thread, Ray Train installs its own SIGINT handler, which asks the controller to abort and waits:
+    that neither returns while the controller retries placing workers nor stops a running epoch."""
+    failure: list[BaseException] = []
+
+    def fit() -> None:
+        try:
+            trainer.fit()
+        except BaseException as exc:  # handed to the main thread below
+            failure.append(exc)
+
+    thread = threading.Thread(target=fit, name=f"fit-{stage}", daemon=True)
+    thread.start()
+    while thread.is_alive():
+        thread.join(0.2)
+    if failure:
+        raise failure[0]
+
+
 class StageFailed(RuntimeError):
     """A training stage that failed after its retries; the message names the cause and where to look."""
 
 
-def check_same_run(config: Config, stage: str, run_dir: Path) -> None:
-    """A rerun resumes or skips a stage only when its data and model config match what was trained."""
-    states = sorted(p for p in run_dir.glob("checkpoint_*") if (p / "state.pt").is_file())
-    if not states:
-        return
-    before = load_state(states[-1]).get("config")
-    if not before:
-        return
-    now = dataclasses.asdict(config)
-    # what makes checkpoints incompatible or results incomparable; loader settings may change freely
-    keys = [("model", k) for k in now["model"]] + [("data", "dataset_dir"), ("data", "crop_size")]
-    changed = [f"{s}.{k}" for s, k in keys if before.get(s, {}).get(k) != now[s][k]]
-    if changed:
-        raise ConfigError(f"{run_dir} was trained with another config ({', '.join(changed)} differ); pass "
-                          f"another --set ray.run_name=... or delete {run_dir} to start over")
+def init_record(checkpoint: Path | None) -> dict | None:
+    """Which checkpoint a stage starts from (mma: the UME checkpoint), as its checkpoints record it."""
+    if checkpoint is None:
+        return None
+    return {"checkpoint": checkpoint.name, "epoch": int(load_state(checkpoint)["epoch"])}
+
+
+def _latest_state(run_dir: Path) -> dict | None:
+    """The newest readable state.pt of a stage's run (one being written when the run died is skipped)."""
+    for ckpt in sorted((p for p in run_dir.glob("checkpoint_*") if (p / "state.pt").is_file()), reverse=True):
+        try:
+            return load_state(ckpt)
+        except Exception:
+            continue
+    return None
+
+
+def check_same_run(config: Config, stage: str, run_dir: Path, init: dict | None = None) -> bool:
+    """A rerun resumes or skips a stage only when everything that decides what it trains (STAGE_SETTINGS,
+    the model, the data) equals what its last checkpoint recorded, and it starts from the same checkpoint.
+
+    With `ray.resume = "extend"`, a stage whose epochs alone grew is let through (it trains on from its last
+    checkpoint to the new count), and True is returned when the stage's initial checkpoint changed (mma
+    after its UME stage was extended): the stage must be trained again from scratch. Anything else that
+    differs is a ConfigError listing `key: old -> new` and the ways out."""
+    state = _latest_state(run_dir)
+    if state is None or not state.get("config"):
+        return False
+    epochs_key = "mma.epochs" if stage == "mma" else "train.epochs"
+    before = stage_settings(state["config"], stage)
+    now = stage_settings(dataclasses.asdict(config), stage)
+    changed = {k: (before[k], now[k]) for k in now if before[k] != now[k]}
+    extend = config.ray.resume == "extend"
+    grew = list(changed) == [epochs_key] and (before[epochs_key] or 0) < now[epochs_key]
+    if changed and not (extend and grew):
+        diff = ", ".join(f"{k}: {old!r} -> {new!r}" for k, (old, new) in changed.items())
+        hint = ("or, since only the epochs grew, --set ray.resume=extend to train it on to the new count" if grew
+                else "or restore these values (--set ray.resume=extend only lets the epochs grow)")
+        raise ConfigError(f"stage {stage} in {run_dir} was trained with other settings ({diff}); pass a new "
+                          f"--set ray.run_name=... to train these from scratch, {hint}")
+    if init is None or state.get("init") is None or state["init"] == init:
+        return False
+    if extend:
+        return True
+    was = state["init"]
+    raise ConfigError(f"stage {stage} in {run_dir} was trained from the unimodal checkpoint {was['checkpoint']} "
+                      f"(epoch {was['epoch']}), the unimodal stage now ends at {init['checkpoint']} (epoch "
+                      f"{init['epoch']}); pass --set ray.resume=extend to train {stage} again from it, or a new "
+                      f"--set ray.run_name=...")
+
+
+def supersede(run_dir: Path) -> Path:
+    """Move a stage's run out of the way (to `<name>.superseded-<n>`) so that Ray Train starts it afresh."""
+    n = 1
+    while (aside := run_dir.with_name(f"{run_dir.name}.superseded-{n}")).exists():
+        n += 1
+    run_dir.rename(aside)
+    return aside
 
 
 def check_fits(config: Config, checkpoint: Path) -> None:
@@ -129,34 +231,66 @@ def absolute(config: Config) -> Config:
     return dataclasses.replace(config, data=data, ray=ray_cfg)
 
 
-def run_recipe(config: Config, stages: list[str]) -> Path | None:
+def prepare_storage(config: Config) -> Path:
+    """Create `<storage_path>/<run_name>`; a path that cannot be a directory is a ConfigError naming it."""
+    storage = Path(config.ray.storage_path)
+    run_dir = storage / config.ray.run_name
+    try:
+        run_dir.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        blocker = next((p for p in (run_dir, *run_dir.parents) if p.exists() and not p.is_dir()), None)
+        if blocker is not None:
+            raise ConfigError(f"ray.storage_path = {storage}: {blocker} is a file, not a directory; pass --set "
+                              f"ray.storage_path=<a directory> or move the file away") from None
+        raise ConfigError(f"ray.storage_path = {storage}: cannot create {run_dir} ({exc.strerror or exc}); pass "
+                          f"--set ray.storage_path=<a writable directory>") from None
+    return run_dir
+
+
+@dataclass
+class Progress:
+    """How far run_recipe got: what a Ctrl-C message reports."""
+
+    finished: list[str] = field(default_factory=list)
+    current: str | None = None
+
+
+def run_recipe(config: Config, stages: list[str], progress: Progress | None = None) -> Path | None:
     """unimodal -> joint baselines -> mma -> eval; returns the results markdown path when eval ran."""
     import ray
 
     from trainer.evaluate import method_claims, standard_methods, val_choice, write_results
 
+    progress = progress if progress is not None else Progress()
     storage = Path(config.ray.storage_path)
-    (storage / config.ray.run_name).mkdir(parents=True, exist_ok=True)
+    planned = [s for s in TRAIN_STAGES if s in stages or (s == "unimodal" and "mma" in stages)]
+    for stage in TRAIN_STAGES if "eval" in stages else planned:  # refuse changed settings before Ray starts
+        check_same_run(stage_config(config, stage), stage, storage / f"{config.ray.run_name}-{stage}")
     if not ray.is_initialized():
         # RAY_ADDRESS is set by `ray job submit` (or by you): join that cluster. Otherwise start a private
         # local instance rather than attaching to whatever cluster happens to run on this machine.
         ray.init(address=os.environ.get("RAY_ADDRESS") or "local", log_to_driver=True)
-    if config.ray.use_gpu and ray.cluster_resources().get("GPU", 0) < 1:
-        raise ConfigError("ray.use_gpu = true but this Ray cluster has no GPU; run on GPU nodes or pass "
-                          "--set ray.use_gpu=false (and --set train.amp=none on CPUs without bfloat16)")
+    config = resolve_auto(config, cluster_view())
     checkpoints: dict[str, Path] = {}
-    for stage in TRAIN_STAGES:
-        if stage not in stages and not (stage == "unimodal" and "mma" in stages):
-            continue
+    for stage in planned:
+        progress.current = stage
         checkpoints[stage] = run_stage(config, stage, checkpoints.get("unimodal") if stage == "mma" else None, storage)
+        progress.finished.append(stage)
     if "eval" not in stages:
         return None
+    progress.current = "eval"
     missing = [s for s in TRAIN_STAGES if s not in checkpoints]
     for stage in missing:
-        done = finished_checkpoint(storage / f"{config.ray.run_name}-{stage}", stage_epochs(config, stage))
+        run_dir = storage / f"{config.ray.run_name}-{stage}"
+        init = checkpoints.get("unimodal") if stage == "mma" else None
+        if check_same_run(stage_config(config, stage), stage, run_dir, init_record(init)):
+            raise ConfigError(f"eval needs the {stage} stage trained from the current unimodal checkpoint; run "
+                              f"--stages {stage},eval --set ray.resume=extend")
+        done = finished_checkpoint(run_dir, stage_epochs(config, stage))
         if done is None:
             raise ConfigError(f"eval needs the {stage} stage; run it first (--stages {stage})")
         checkpoints[stage] = done
+    ensure_fits(config, "eval", 1)
     _, note = val_choice(load_state(checkpoints["unimodal"])["metrics"], load_state(checkpoints["mma"])["metrics"])
     info = read_dataset_info(config.data.dataset_dir)
     methods = standard_methods({k: str(v) for k, v in checkpoints.items()}, info.modalities)
@@ -167,6 +301,8 @@ def run_recipe(config: Config, stages: list[str]) -> Path | None:
              f"checkpoints: {', '.join(f'{k}={v}' for k, v in checkpoints.items())}"]
     md = write_results(results, storage / config.ray.run_name / "results", notes)
     print(md.read_text())
+    progress.finished.append("eval")
+    progress.current = None
     return md
 
 
@@ -192,12 +328,14 @@ def main(argv: list[str] | None = None) -> int:
                         help="comma-separated subset of unimodal, joint, joint_dropout, mma, eval")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    progress = Progress()
     try:
         stages = [s.strip() for s in args.stages.split(",") if s.strip()]
         unknown = sorted(set(stages) - set(TRAIN_STAGES) - {"eval"})
         if unknown:
             raise ConfigError(f"--stages: unknown {unknown}; choose from {', '.join(TRAIN_STAGES + ('eval',))}")
         config = absolute(load_config(args.config, args.set))
+        prepare_storage(config)
         info = read_dataset_info(config.data.dataset_dir)
         for modality in info.modalities:
             if modality not in config.model.encoders:
@@ -220,14 +358,26 @@ def main(argv: list[str] | None = None) -> int:
             if unknown_m:
                 raise ConfigError(f"{args.config}: [mma] drop_probs names {sorted(unknown_m)}, not modalities of "
                                   f"{info.dataset} ({', '.join(info.modalities)})")
-        run_recipe(config, stages)
+        run_recipe(config, stages, progress)
     except (ConfigError, FormatError, CheckpointMismatch, ScenarioError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
     except StageFailed as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 1
+    except KeyboardInterrupt:
+        signal.signal(signal.SIGINT, signal.SIG_DFL)  # while Ray shuts down, a second Ctrl-C ends it at once
+        print(f"interrupted: {interrupted_line(progress)}", file=sys.stderr)
+        return 130
     return 0
+
+
+def interrupted_line(progress: Progress) -> str:
+    """What a Ctrl-C leaves behind, in one line."""
+    done = f"finished: {', '.join(progress.finished)}" if progress.finished else "no stage finished"
+    where = f"stopped during {progress.current}" if progress.current else "stopped before any stage started"
+    return (f"{where} ({done}); rerun the same command to resume from the last checkpoints "
+            f"(finished stages are skipped)")
 
 
 if __name__ == "__main__":

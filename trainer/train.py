@@ -9,8 +9,10 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 import tempfile
 import time
+from collections import Counter
 from pathlib import Path
 
 import ray.train
@@ -23,8 +25,7 @@ from shards.features import model_input_specs
 from shards.format import read_dataset_info
 from shards.loader import make_loader
 from shards.scenarios import DropSpec
-from trainer.checkpoint import (load_loader_state, load_state, load_weights, save_loader_state, save_state,
-                                unwrap)
+from trainer.checkpoint import load_loader_state, load_state, load_weights, save_loader_state, save_state, unwrap
 from trainer.config import Config, config_from_dict
 from trainer.models import LateFusion, build_model
 
@@ -63,9 +64,14 @@ def build_optimizer(config: Config, stage: str, model: torch.nn.Module):
                                     weight_decay=config.train.weight_decay)
     else:
         optimizer = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=config.train.weight_decay)
-    milestones = [] if stage == "mma" else [m for m in config.train.lr_milestones if m < epochs]
-    scheduler = torch.optim.lr_scheduler.MultiStepLR(optimizer, milestones=milestones, gamma=config.train.lr_gamma)
+    scheduler = torch.optim.lr_scheduler.MultiStepLR(optimizer, milestones=stage_milestones(config, stage, epochs),
+                                                     gamma=config.train.lr_gamma)
     return optimizer, scheduler, epochs
+
+
+def stage_milestones(config: Config, stage: str, epochs: int) -> list[int]:
+    """The epochs where the lr drops: none in mma, else train.lr_milestones before the last epoch."""
+    return [] if stage == "mma" else [m for m in config.train.lr_milestones if m < epochs]
 
 
 def to_device(batch: dict, device: torch.device) -> dict:
@@ -136,10 +142,20 @@ def train_loop_per_worker(loop_config: dict) -> None:
             load_weights(model, state, ckpt_dir)
             optimizer.load_state_dict(state["optimizer"])
             scheduler.load_state_dict(state["scheduler"])
-            torch.set_rng_state(state["torch_rng"])
             start_epoch = state["epoch"]
+            # The stored milestones were cut at the stored stage's epochs. A stage extended to more epochs
+            # (ray.resume=extend) takes this config's, and the drop a milestone at its old last epoch
+            # would have made then.
+            stored = set(scheduler.milestones)
+            scheduler.milestones = Counter(stage_milestones(config, stage, epochs))
+            missed = sum(1 for m in scheduler.milestones if m <= start_epoch and m not in stored)
+            for group in optimizer.param_groups:
+                group["lr"] *= config.train.lr_gamma ** missed
+            torch.set_rng_state(state["torch_rng"])
             loader_state = load_loader_state(ckpt_dir, rank)
         log.info("[%s] rank %d resumes after epoch %d", stage, rank, start_epoch)
+    if rank == 0:
+        restart_metrics(loop_config.get("metrics_path"), stage, start_epoch)
 
     use_gpu = device.type == "cuda"
     loader_args = dict(backend=config.data.backend, device="gpu" if use_gpu else "cpu", shard_id=rank,
@@ -188,7 +204,7 @@ def train_loop_per_worker(loop_config: dict) -> None:
             save_loader_state(tmp_path, rank, train_loader.state_dict())
             if rank == 0:
                 save_state(tmp_path, model=model, optimizer=optimizer, scheduler=scheduler, epoch=epoch + 1,
-                           stage=stage, config=loop_config["config"], metrics=metrics)
+                           stage=stage, config=loop_config["config"], metrics=metrics, init=loop_config.get("init"))
                 log.info("[%s] epoch %d/%d: %s", stage, epoch + 1, epochs,
                          ", ".join(f"{k}={v:.4g}" for k, v in metrics.items() if isinstance(v, float)))
                 _append_metrics(loop_config.get("metrics_path"), metrics)
@@ -199,3 +215,31 @@ def _append_metrics(path: str | None, metrics: dict) -> None:
     if path:
         with open(path, "a") as f:
             f.write(json.dumps(metrics) + "\n")
+
+
+def restart_metrics(path: str | None, stage: str, start_epoch: int) -> None:
+    """Drop `stage`'s rows for epochs after `start_epoch` from metrics.jsonl before they are trained (again).
+
+    A row is written just before its epoch's checkpoint is reported; a run killed in between resumes from
+    the previous checkpoint and trains that epoch again, so its old row (of a model that was never
+    checkpointed) is replaced rather than duplicated. A stage trained from scratch drops all its rows; a
+    line cut short by the kill is dropped too. Every epoch then has exactly one row, the one of the model
+    its checkpoint holds."""
+    if not path or not os.path.isfile(path):
+        return
+    lines = Path(path).read_text().splitlines()
+    keep = []
+    for line in lines:
+        try:
+            row = json.loads(line)
+        except json.JSONDecodeError:
+            continue
+        if not (row.get("stage") == stage and row.get("epoch", 0) > start_epoch):
+            keep.append(line)
+    if len(keep) == len(lines):
+        return
+    tmp = Path(f"{path}.tmp")
+    tmp.write_text("".join(line + "\n" for line in keep))
+    tmp.replace(path)
+    log.info("[%s] metrics.jsonl: dropped %d row(s) after epoch %d, which are trained again", stage,
+             len(lines) - len(keep), start_epoch)
