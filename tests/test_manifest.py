@@ -217,3 +217,27 @@ def test_an_adapter_of_another_package_is_listed_and_builds(tmp_path: Path, monk
                  "--size", "32"]) == 0
     info = read_dataset_info(tmp_path / "out" / "folder_images")
     assert info.modalities == ["visual"] and info.splits["train"]["samples"] == 2
+
+
+@pytest.mark.slow
+def test_an_audio_text_manifest_trains_through_the_whole_recipe(text_corpus: Path, tmp_path: Path) -> None:
+    """A modality pair no built-in dataset has, from the shipped starting config, end to end."""
+    import os
+    import sys
+
+    build_shards("manifest", text_corpus, tmp_path / "shards", BuildOptions(shard_size=8, max_len=16, n_mels=32),
+                 workers=1, progress=False)
+    storage = tmp_path / "runs"
+    sets = {"data.dataset_dir": str(tmp_path / "shards" / "manifest"), "ray.storage_path": str(storage),
+            "data.batch_size": 4, "data.num_workers": 0, "data.backend": '"torch"', "train.epochs": 1,
+            "mma.epochs": 1, "model.width": 8, "ray.cpus_per_worker": 1, "train.lr_milestones": "[]"}
+    args = [a for k, v in sets.items() for a in ("--set", f"{k}={json.dumps(v) if k.endswith(('_dir', '_path')) else v}")]
+    root = Path(__file__).resolve().parent.parent
+    done = subprocess.run([sys.executable, str(root / "trainer" / "launch.py"), "--config",
+                           "trainer/configs/manifest.toml", *args], cwd=root, capture_output=True, text=True,
+                          timeout=900, env=os.environ)
+    assert done.returncode == 0, (done.stdout + done.stderr)[-4000:]
+    results = json.loads((storage / "manifest" / "results" / "results.json").read_text())
+    assert list(results["methods"]) == ["audio-only", "text-only", "joint late fusion", "joint + modality dropout",
+                                        "UME", "UME-MMA"]
+    assert {"full", "missing:audio", "missing:text", "rate:text=0.5"} <= set(results["scenarios"])

@@ -82,7 +82,8 @@ class MMAConfig:
     epochs: int = 20
     lr: float = 1e-3
     scheme: str = "drop_one"  # "drop_one" | "independent"
-    # drop_one: probability of keeping all ("full") or dropping exactly that modality; sums to 1.
+    # drop_one: probability of keeping all ("full") or dropping exactly that modality; sums to 1; {} = full
+    # and each of the dataset's modalities with equal probability (METHOD.md's default, any modality set).
     # independent: per-modality drop probability (never all modalities dropped).
     drop_probs: dict[str, float] = field(default_factory=lambda: {"full": 1 / 3, "visual": 1 / 3, "audio": 1 / 3})
 
@@ -333,7 +334,7 @@ def _validate(config: Config, source: str) -> None:
     _check_names(mma.drop_probs, dict.fromkeys(outcomes), source, f"{mma.scheme} outcome", "mma.drop_probs.")
     for outcome, p in mma.drop_probs.items():
         require(0 <= p <= 1, f"mma.drop_probs.{outcome}", p, "a probability in [0, 1]")
-    if mma.scheme == "drop_one":
+    if mma.scheme == "drop_one" and mma.drop_probs:
         total = sum(mma.drop_probs.values())
         require(
             math.isclose(total, 1.0, abs_tol=1e-3),

@@ -24,7 +24,7 @@ import torch.nn.functional as F
 from shards.features import model_input_specs
 from shards.format import read_dataset_info
 from shards.loader import make_loader
-from shards.scenarios import DropSpec
+from shards.scenarios import DropSpec, drop_one_uniform
 from trainer.checkpoint import load_loader_state, load_state, load_weights, save_loader_state, save_state, unwrap
 from trainer.config import Config, config_from_dict
 from trainer.models import LateFusion, build_model
@@ -37,6 +37,8 @@ LOG_EVERY = 10
 def stage_augment(config: Config, stage: str, modalities: list[str]) -> DropSpec | None:
     """The missing-modality augmentation a stage trains with."""
     if stage == "mma":
+        if not config.mma.drop_probs and config.mma.scheme == "drop_one":
+            return drop_one_uniform(modalities)  # {} = METHOD.md's default for whatever the dataset has
         return DropSpec(config.mma.scheme, dict(config.mma.drop_probs))
     if stage == "joint_dropout":
         return DropSpec("independent", {m: config.train.modality_dropout for m in modalities})
