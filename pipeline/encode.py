@@ -16,6 +16,7 @@ from PIL import Image
 from pipeline.decode import DecodeError
 from pipeline.text import Tokenizer
 from shards.format import encode_npy
+from shards.members import decode_audio_member
 
 
 def encode_frame(frame: np.ndarray, short_side: int, quality: int) -> bytes:
@@ -59,18 +60,6 @@ def encode_flac(audio: np.ndarray, sample_rate: int) -> bytes:
         for packet in stream.encode(None):
             container.mux(packet)
     return buf.getvalue()
-
-
-def decode_audio_member(data: bytes) -> np.ndarray:
-    """Decode a WAV or FLAC member back to int16 samples (used to validate and by `verify`)."""
-    if data[:4] == b"RIFF":
-        with wave.open(io.BytesIO(data)) as w:
-            return np.frombuffer(w.readframes(w.getnframes()), dtype="<i2")
-    chunks = []
-    with av.open(io.BytesIO(data)) as container:
-        for frame in container.decode(audio=0):
-            chunks.append(frame.to_ndarray().reshape(-1))
-    return np.concatenate(chunks).astype(np.int16) if chunks else np.zeros(0, np.int16)
 
 
 def encode_audio(audio: np.ndarray, sample_rate: int, codec: str) -> bytes:

@@ -2,9 +2,9 @@
 dataset.json) and the context a shard task carries to its worker."""
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable
 
 
 class SourceError(ValueError):

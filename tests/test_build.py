@@ -28,10 +28,10 @@ import pyarrow.parquet as pq
 import pytest
 from PIL import Image
 
-from tests.conftest import FIXTURE_BUILD_ARGS, BuiltDataset, RawCorpus
 from pipeline.cli import main
 from shards.format import NPY_HEADER_BYTES, read_dataset_info, read_index, sanitize_key
 from shards.scenarios import key_uniform
+from tests.conftest import FIXTURE_BUILD_ARGS, BuiltDataset, RawCorpus
 
 SAFE_KEY = re.compile(r"[A-Za-z0-9_-]+")
 FRAMES = ["f0.jpg", "f1.jpg", "f2.jpg"]
@@ -277,7 +277,7 @@ def test_dali_cpu_webdataset_reader_reads_whole_split_with_labels(fixture: str, 
         want = [r for r in rows if r["split"] == split]
 
         @dali.pipeline_def(batch_size=batch_size, num_threads=1, device_id=None)
-        def reader():
+        def reader(tars=tars):
             jpg, wav, label = fn.readers.webdataset(
                 paths=tars, index_paths=[t[:-4] + ".idx" for t in tars], ext=["f0.jpg", "wav", "label.npy"],
                 missing_component_behavior="empty", dtypes=[types.UINT8, types.UINT8, types.INT64], name="reader")
@@ -593,8 +593,8 @@ def test_inspect_prints_counts_and_missing_audio_rate_per_split(kinetics_sound_b
 
 def test_shards_mix_classes_when_keys_sort_by_class() -> None:
     """Food-101 keys are `train_<class>_<n>`: in key order each shard would hold one or two classes."""
-    from pipeline.build import plan_shards
     from pipeline.adapters import Sample
+    from pipeline.build import plan_shards
 
     samples = [Sample(f"train_class{c:02d}_{n:03d}", "train", c, f"images/train/{c}/{n}.jpg")
                for c in range(10) for n in range(64)]

@@ -19,9 +19,9 @@ from pathlib import Path
 import pyarrow.parquet as pq
 import pytest
 
-from pipeline.build import BuildOptions, build_shards, plan_shards
 from pipeline.adapters import Sample
 from pipeline.adapters.video import av_digits
+from pipeline.build import BuildOptions, build_shards, plan_shards
 from pipeline.cli import main
 from shards.format import read_dataset_info
 from tests.media import ffmpeg_clip, mm_imdb_corpus
@@ -193,7 +193,11 @@ def test_rerun_after_editing_the_annotations_rebuilds_exactly_the_changed_shards
 
     decoded: list[str] = []
     real = pipeline.adapters.video.decode_clip
-    monkeypatch.setattr(pipeline.adapters.video, "decode_clip", lambda path, *a, **k: decoded.append(Path(path).stem) or real(path, *a, **k))
+    def counting(path, *a, **k):
+        decoded.append(Path(path).stem)
+        return real(path, *a, **k)
+
+    monkeypatch.setattr(pipeline.adapters.video, "decode_clip", counting)
     build(src, out)
     assert sorted(decoded) == sorted(s.key for name in changed for s in after_plan[name])
     fresh = tmp_path / "fresh"

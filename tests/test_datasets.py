@@ -81,7 +81,6 @@ def test_lineage_split_lists_choose_the_samples_and_their_labels(clip: Path, tmp
     """OGM-GE's my_train.txt rows are `<id>_<start:06d>_<end:06d>,10,<label>`; my_test.txt rows have an
     unpadded start and no end. The CSVs are not needed."""
     root = tmp_path / "k400"
-    classes = kinetics_sound_classes()
     ids = [youtube_id(i) for i in range(5)]
     for i, yid in enumerate(ids):
         link(clip, root / ("train" if i < 3 else "val") / f"{yid}_000010_000020.mp4")

@@ -11,12 +11,12 @@ returning a `Corpus`); `pipeline build-shards --help` lists it. In its pyproject
 from __future__ import annotations
 
 import logging
+from collections.abc import Callable
 from importlib.metadata import entry_points
-from typing import Callable
 
 from pipeline.adapters.arrays import av_mnist
-from pipeline.adapters.manifest import manifest
 from pipeline.adapters.corpus import SPLITS, Corpus, Reject, Sample, SampleKind, SourceError
+from pipeline.adapters.manifest import manifest
 from pipeline.adapters.video import av_digits, ave, crema_d, kinetics_sound, vggsound
 from pipeline.adapters.vision_language import MMIMDB_GENRES, food101, mm_imdb
 
@@ -52,4 +52,5 @@ def adapters() -> dict[str, Callable[..., Corpus]]:
     return found
 
 
-__all__ = ["ADAPTERS", "ENTRY_POINT_GROUP", "adapters", "MMIMDB_GENRES", "SPLITS", "Corpus", "Reject", "Sample", "SampleKind", "SourceError"]
+__all__ = ["ADAPTERS", "ENTRY_POINT_GROUP", "MMIMDB_GENRES", "SPLITS", "Corpus", "Reject", "Sample", "SampleKind",
+           "SourceError", "adapters"]

@@ -7,7 +7,15 @@ from pathlib import Path
 import numpy as np
 
 from pipeline.adapters.corpus import (
-    Corpus, Reject, Sample, SampleKind, SourceError, frame_size, require_dir, require_file, sample_members,
+    Corpus,
+    Reject,
+    Sample,
+    SampleKind,
+    SourceError,
+    frame_size,
+    require_dir,
+    require_file,
+    sample_members,
 )
 from pipeline.decode import DecodeError
 from pipeline.encode import encode_frame, load_array_row

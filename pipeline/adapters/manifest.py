@@ -29,7 +29,15 @@ from pathlib import Path
 import pyarrow.parquet as pq
 
 from pipeline.adapters.corpus import (
-    Corpus, Reject, Sample, SampleKind, SourceError, outside_src, read_annotation, read_csv_rows, require_dir,
+    Corpus,
+    Reject,
+    Sample,
+    SampleKind,
+    SourceError,
+    outside_src,
+    read_annotation,
+    read_csv_rows,
+    require_dir,
     split_problem,
 )
 from pipeline.adapters.video import clip_visual_info, encode_media_sample, waveform_audio_info

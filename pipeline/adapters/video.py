@@ -9,9 +9,23 @@ from pathlib import Path
 from statistics import median
 
 from pipeline.adapters.corpus import (
-    DB_CUTOFF, SPLITS, Corpus, Reject, Sample, SampleKind, SourceError, audio_members, collect, frame_size,
-    read_annotation, read_csv_rows,
-    require_dir, require_file, sample_members, source_problem, split_problem,
+    DB_CUTOFF,
+    SPLITS,
+    Corpus,
+    Reject,
+    Sample,
+    SampleKind,
+    SourceError,
+    audio_members,
+    collect,
+    frame_size,
+    read_annotation,
+    read_csv_rows,
+    require_dir,
+    require_file,
+    sample_members,
+    source_problem,
+    split_problem,
 )
 from pipeline.decode import DecodeError, decode_audio_file, decode_clip
 from pipeline.encode import encode_frame, encode_image_file, encode_text

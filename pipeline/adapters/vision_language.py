@@ -8,8 +8,19 @@ import json
 from pathlib import Path
 
 from pipeline.adapters.corpus import (
-    SPLITS, Corpus, Reject, Sample, SampleKind, SourceError, collect, frame_size, outside_src, read_annotation, require_dir,
-    require_file, sample_members, source_problem,
+    SPLITS,
+    Corpus,
+    Reject,
+    Sample,
+    SampleKind,
+    SourceError,
+    frame_size,
+    outside_src,
+    read_annotation,
+    require_dir,
+    require_file,
+    sample_members,
+    source_problem,
 )
 from pipeline.adapters.video import IMAGENET
 from pipeline.encode import encode_image_file, encode_text
