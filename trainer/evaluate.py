@@ -1,9 +1,10 @@
 """The `eval` stage: scenario matrix x methods -> results table (markdown + JSON) and plot (PNG).
 
 Methods (METHOD.md): the uni-modal models (each UME branch alone), joint late fusion, joint late fusion
-with modality dropout, UME and UME-MMA. One pass decodes the test split with its natural missingness
-and caches every model's per-modality features; each scenario then only changes the `present` mask
-(`shards.scenarios.scenario_keep`, a hash of key and seed) before the heads and fusion. Encoders see
+with modality dropout, UME and UME-MMA; below them one classical baseline per modality (`trainer.baselines`,
+fitted on the train split). One pass decodes the test split with its natural missingness and caches every
+model's per-modality features and the baselines' inputs; each scenario then only changes the `present`
+mask (`shards.scenarios.scenario_keep`, a hash of key and seed) before the heads and fusion. Encoders see
 one sample at a time in evaluation mode, so this equals decoding the split once per scenario, and every
 method is scored on exactly the same samples."""
 from __future__ import annotations
@@ -13,6 +14,7 @@ import logging
 from dataclasses import dataclass
 from pathlib import Path
 
+import numpy as np
 import torch
 from tqdm import tqdm
 
@@ -20,6 +22,7 @@ from shards.features import model_input_specs
 from shards.format import read_dataset_info
 from shards.loader import make_loader
 from shards.scenarios import parse_scenario, scenario_keep
+from trainer.baselines import DESCRIPTIONS, baseline_name, fit_baselines, summarize
 from trainer.checkpoint import load_state, load_weights
 from trainer.config import Config
 from trainer.models import LateFusion, build_model
@@ -47,20 +50,25 @@ def standard_methods(checkpoints: dict[str, str], modalities: list[str]) -> list
 
 
 @torch.no_grad()
-def _features(models: dict[str, LateFusion], loader, device: torch.device) -> tuple[dict, list[str], torch.Tensor, torch.Tensor]:
-    """Per checkpoint, per modality features over the whole split (zeros where naturally absent)."""
+def _features(models: dict[str, LateFusion], loader, device: torch.device,
+              modalities: list[str]) -> tuple[dict, dict, list[str], torch.Tensor, torch.Tensor]:
+    """Per checkpoint, per modality features over the whole split (zeros where naturally absent), and per
+    modality the baselines' inputs."""
     feats: dict[str, dict[str, list[torch.Tensor]]] = {c: {} for c in models}
+    inputs: dict[str, list[np.ndarray]] = {m: [] for m in modalities}
     keys, labels, has = [], [], []
     for batch in tqdm(loader, desc="eval features", unit="batch", leave=False):
         present = batch["present"].to(device)
         for ckpt, model in models.items():
             for i, m in enumerate(model.modalities):
                 feats[ckpt].setdefault(m, []).append(model.encode(m, batch[m].to(device), present[:, i]).cpu())
+        for m in modalities:
+            inputs[m].append(summarize(m, batch[m]))
         keys += batch["key"]
         labels.append(batch["label"])
         has.append(batch["present"])
     cat = {c: {m: torch.cat(v) for m, v in per.items()} for c, per in feats.items()}
-    return cat, keys, torch.cat(labels), torch.cat(has)
+    return cat, {m: np.concatenate(v) for m, v in inputs.items()}, keys, torch.cat(labels), torch.cat(has)
 
 
 def score(logits: torch.Tensor, labels: torch.Tensor, multilabel: bool) -> dict[str, float]:
@@ -89,12 +97,17 @@ def evaluate(config: Config, methods: list[Method], device: torch.device | None 
     loader = make_loader(config.data.dataset_dir, config.eval.split, config.data.batch_size,
                          backend=config.data.backend, crop=config.data.crop_size,
                          num_workers=config.data.num_workers, seed=config.eval.seed)
-    feats, keys, labels, has = _features(models, loader, device)
+    feats, inputs, keys, labels, has = _features(models, loader, device, info.modalities)
+    fitted = fit_baselines(config)
+    baseline_logits = {m: b.logits(inputs[m], info.num_classes, info.multilabel) for m, b in fitted.items()}
     scenarios = config.eval.scenario_names(info.modalities)
     table: dict[str, dict[str, dict[str, float]]] = {m.name: {} for m in methods}
+    baselines = {m: {"name": baseline_name(m), "train_samples": b.train_samples, "scores": {}}
+                 for m, b in fitted.items()}
     present_counts = {}
     for name in scenarios:
-        keep = torch.from_numpy(scenario_keep(keys, info.modalities, parse_scenario(name, info.modalities), config.eval.seed))
+        scenario = parse_scenario(name, info.modalities)
+        keep = torch.from_numpy(scenario_keep(keys, info.modalities, scenario, config.eval.seed))
         present = has & keep
         present_counts[name] = {m: int(present[:, i].sum()) for i, m in enumerate(info.modalities)}
         for method in methods:
@@ -103,10 +116,15 @@ def evaluate(config: Config, methods: list[Method], device: torch.device | None 
                 mask[:, [i for i, m in enumerate(info.modalities) if m != method.only]] = False
             model = models[method.checkpoint]
             with torch.no_grad():
-                logits = model.fuse({m: f.to(device) for m, f in feats[method.checkpoint].items()}, mask.to(device))["logits"].cpu()
+                features = {m: f.to(device) for m, f in feats[method.checkpoint].items()}
+                logits = model.fuse(features, mask.to(device))["logits"].cpu()
             table[method.name][name] = score(logits, labels, info.multilabel)
+        for m, logits in baseline_logits.items():  # as a uni-modal model: zero logits where m is absent
+            i = info.modalities.index(m)
+            baselines[m]["scores"][name] = score(torch.where(present[:, i, None], logits, 0.0), labels, info.multilabel)
     return {"dataset": info.dataset, "split": config.eval.split, "samples": len(keys), "modalities": info.modalities,
-            "scenarios": scenarios, "present": present_counts, "methods": table, "multilabel": info.multilabel}
+            "scenarios": scenarios, "present": present_counts, "methods": table, "baselines": baselines,
+            "multilabel": info.multilabel}
 
 
 def write_results(results: dict, out_dir: Path, notes: list[str]) -> Path:
@@ -120,12 +138,18 @@ def write_results(results: dict, out_dir: Path, notes: list[str]) -> Path:
     for metric in metrics:  # one table per metric (multi-label: F1-macro, then F1-micro)
         lines += [f"# {results['dataset']}: {metric} on `{results['split']}` ({results['samples']} samples) "
                   f"by scenario", "", "| method | " + " | ".join(scenarios) + " |", "|---|" + "---:|" * len(scenarios)]
-        for method, row in results["methods"].items():
+        rows = [*results["methods"].items(), *_baseline_rows(results)]
+        for method, row in rows:
             lines.append(f"| {method} | " + " | ".join(f"{100 * row[s][metric]:.1f}" for s in scenarios) + " |")
         lines.append("")
     metric = metrics[0]
+    counts = list(results["present"].items())[:3]
     lines += ["Samples with each modality present per scenario: " +
-              "; ".join(f"{s}: " + ", ".join(f"{m} {n}" for m, n in c.items()) for s, c in list(results["present"].items())[:3]), ""]
+              "; ".join(f"{s}: " + ", ".join(f"{m} {n}" for m, n in c.items()) for s, c in counts), ""]
+    if results.get("baselines"):
+        lines += ["Baselines (`trainer/baselines.py`) fitted on the train samples with the modality: " +
+                  ", ".join(f"{m} {b['train_samples']}" for m, b in results["baselines"].items()) +
+                  "; scored like the uni-modal models (a sample without the modality gets zero logits).", ""]
     lines += [f"- {n}" for n in notes]
     md = out_dir / "results.md"
     md.write_text("\n".join(lines) + "\n")
@@ -148,6 +172,8 @@ def _plot(results: dict, metric: str, path: Path) -> None:
         xs = [0.0 if n == "full" else 1.0 if n.startswith("missing:") else float(n.split("=")[1]) for n in names]
         for method, row in results["methods"].items():
             ax.plot(xs, [100 * row[n][metric] for n in names], marker="o", label=method)
+        for method, row in _baseline_rows(results):
+            ax.plot(xs, [100 * row[n][metric] for n in names], linestyle="--", alpha=0.8, label=method)
         ax.set_xlabel(f"fraction of test samples missing {m}")
         ax.set_ylabel(f"{metric} (%)")
         ax.set_title(f"{results['dataset']}: missing {m}")
@@ -158,9 +184,35 @@ def _plot(results: dict, metric: str, path: Path) -> None:
     plt.close(fig)
 
 
+def _baseline_rows(results: dict) -> list[tuple[str, dict]]:
+    return [(b["name"], b["scores"]) for b in results.get("baselines", {}).values()]
+
+
+def undertrained_branches(results: dict) -> list[str]:
+    """A line per uni-modal model (`<m>-only`) that scores below its modality's baseline on full test data."""
+    metric = "f1_macro" if results["multilabel"] else "acc"
+    if "full" not in results["scenarios"]:
+        return []
+    lines = []
+    for m, baseline in results.get("baselines", {}).items():
+        if f"{m}-only" not in results["methods"]:
+            continue
+        branch, base = (100 * row["full"][metric] for row in (results["methods"][f"{m}-only"], baseline["scores"]))
+        if branch < base:
+            lines.append(f"the {m} branch is under-trained: {m}-only {branch:.1f} vs {base:.1f} for "
+                         f"{DESCRIPTIONS[m]} on full test data; a trained encoder should beat a linear model "
+                         f"on down-sampled inputs (train it longer, or check what it is fed)")
+    return lines
+
+
 def method_claims(results: dict) -> list[str]:
     """METHOD.md's claims checked on this table: under missing:<m>, UME-MMA against the uni-modal model of
-    the remaining modality and joint late fusion; on full, UME-MMA against UME."""
+    the remaining modality and joint late fusion; on full, UME-MMA against UME. Then each uni-modal model
+    against its classical baseline (`undertrained_branches`)."""
+    return [*_ume_mma_claims(results), *undertrained_branches(results)]
+
+
+def _ume_mma_claims(results: dict) -> list[str]:
     metric = "f1_macro" if results["multilabel"] else "acc"
     rows = results["methods"]
     if "UME-MMA" not in rows or "UME" not in rows:
