@@ -4,8 +4,19 @@ Per sample, the pipeline decides which modalities are present (natural missingne
 then the training augmentation or the evaluation scenario) and only decodes those: a dropped modality
 takes the `else` branch, which yields zeros without touching its bytes. With a GPU, JPEGs are decoded by
 nvJPEG (`mixed`) and the spectrogram, mel filter bank and decibels run on the GPU; without one
-(`device_id=None`) everything runs on the CPU. Stored spectrograms (FLOAT) and token ids (INT32) are read
-as typed members whose first 128 bytes (the .npy header) are sliced off, as the label is.
+(`device_id=None`) everything runs on the CPU. Stored spectrograms (FLOAT), stored log-mel (FLOAT16) and
+token ids (INT32) are read as typed members whose first 128 bytes (the .npy header) are sliced off, as the
+label is. The pipeline function calls one helper per modality (`clip_frames`, `waveform_log_mel`,
+`stored_spectrogram`, `token_ids`), each with its `if use:` / `else:` branch.
+
+Frames. In training one random window per clip (`fn.random_crop_generator` on the first frame's header
+shape) is decoded from every frame with `fn.decoders.image_slice` (libjpeg-turbo / nvJPEG ROI decoding), and
+each window is resized to the crop before the frames are stacked, so neither the pixels outside the window
+nor whole frames are ever decoded or copied. Evaluation decodes whole frames and resizes their short side:
+the centre crop of an antialiased resize needs pixels outside the crop window, and its output stays the
+one the parity test pins against the torch loader. The frame-size check reads the JPEG headers
+(`fn.peek_image_shape`). On 2 cores, `num_threads` = the workers asked for, capped at the cores (3 threads
+were no faster than 2), and `prefetch_queue_depth` 2 (1 cost the same CPU per sample, 3 more).
 
 Shuffling. DALI's `fn.readers.webdataset` reads its `paths` in the order given, each tar sequentially;
 `num_shards`/`shard_id` cut that concatenated sample list into contiguous parts, one per pipeline (the rule
@@ -24,6 +35,7 @@ after an epoch of one pipeline, while this loader builds a pipeline per epoch so
 resume) at epoch e reproduces epoch e."""
 from __future__ import annotations
 
+import os
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -33,14 +45,18 @@ from nvidia.dali import Pipeline, fn, pipeline_def, types
 from nvidia.dali.backend import TensorListCPU
 from nvidia.dali.pipeline import do_not_convert
 
+from shards.batches import EpochLoader, LoaderOptions, WorkerPart, assemble_batch
 from shards.features import DB_OFFSET, DB_SCALE, ModalityParams, modality_params
 from shards.format import NPY_HEADER_BYTES, DatasetInfo, frame_member
-from shards.samples import FrameSizeError, SampleRef, shard_range, training_steps
+from shards.members import check_member
+from shards.samples import FrameSizeError, SampleRef
 from shards.scenarios import DropSpec, key_uniform
 
 READER = "reader"
 FILL_SHARDS = 2  # the shuffle buffer holds this many shards' samples (the largest shard of the split) ...
 FILL_MAX_BYTES = 256 * 2**20  # ... but no more than this many bytes of stored samples (by the mean sample size)
+PREFETCH_DEPTH = 2  # batches DALI prepares ahead (prefetch_queue_depth): 1 and 2 cost the same CPU, 3 more (2 cores)
+STORED_DTYPES = {"float32": types.FLOAT, "float16": types.FLOAT16}  # stored spectrogram / log-mel members
 
 
 class DecodeFailure(RuntimeError):
@@ -54,9 +70,9 @@ def multimodal_pipeline(tars: list[str], idxs: list[str], modalities: list[str],
                         augment: DropSpec | None, eval_keep: np.ndarray | None, label_dtype: types.DALIDataType,
                         min_crop_area: float, flip: bool):
     """Per sample, in this order, each output only for a modality of the dataset: frames [T, 3, H, W];
-    audio [1, n_mels, n_frames] (log-mel of the waveform) or [1, H, W] (stored spectrogram); token ids [L];
-    then the label payload and the present flags; last, for a dataset with frames, the decoded frames'
-    shapes [T, 3] (H, W, C; zeros when not decoded), checked against the recorded sizes after each run."""
+    audio [1, n_mels, n_frames] (log-mel of the waveform, or a stored spectrogram or log-mel); token ids [L];
+    then the label payload and the present flags; last, for a dataset with frames, the frames' shapes [T, 3]
+    (H, W, C from the JPEG headers; zeros when not decoded), checked against the recorded sizes after each run."""
     visual, audio, spec, text = params.visual, params.audio, params.spectrogram, params.text
     exts, dtypes = [], []
     if visual is not None:
@@ -64,7 +80,7 @@ def multimodal_pipeline(tars: list[str], idxs: list[str], modalities: list[str],
         dtypes += [types.UINT8] * visual.frames
     if audio is not None or spec is not None:
         exts.append(params.audio_member)
-        dtypes.append(types.UINT8 if spec is None else types.FLOAT)
+        dtypes.append(types.UINT8 if spec is None else STORED_DTYPES[spec.dtype])
     if text is not None:
         exts.append(text.member)
         dtypes.append(types.INT32)
@@ -92,61 +108,101 @@ def multimodal_pipeline(tars: list[str], idxs: list[str], modalities: list[str],
 
     outputs = []
     if visual is not None:
-        if use_visual:
-            decoded = [fn.decoders.image(j, device="mixed" if gpu else "cpu", output_type=types.RGB) for j in jpegs]
-            frame_shapes = fn.stack(*[d.shape() for d in decoded])  # on the CPU, also for nvJPEG output
-            clip = fn.stack(*decoded, axis_name="F")
-            if train:
-                clip = fn.random_resized_crop(clip, size=[visual.crop, visual.crop],
-                                              random_area=[min_crop_area, 1.0], seed=rng_seed + 1)
-                mirror = fn.random.coin_flip(probability=0.5, seed=rng_seed + 2) if flip else 0
-            else:
-                clip = fn.resize(clip, resize_shorter=visual.crop, antialias=True)
-                mirror = 0
-            frames = fn.crop_mirror_normalize(
-                clip, crop=[visual.crop, visual.crop], mirror=mirror, dtype=types.FLOAT, output_layout="FCHW",
-                mean=[255.0 * m for m in visual.mean], std=[255.0 * s for s in visual.std])
-        else:
-            frames = fn.constant(fdata=0.0, shape=[visual.frames, 3, visual.crop, visual.crop], dtype=types.FLOAT,
-                                 layout="FCHW")  # the then-branch layout: conditionals merge only equal layouts
-            frames = frames.gpu() if gpu else frames
-            frame_shapes = fn.constant(idata=0, shape=[visual.frames, 3], dtype=types.INT64)
+        frames, frame_shapes = clip_frames(jpegs, use_visual, params, gpu, train, min_crop_area, flip, rng_seed)
         outputs.append(frames)
-
     if audio is not None:
-        if use_audio:
-            signal = fn.decoders.audio(sound, dtype=types.FLOAT, downmix=True, sample_rate=audio.sample_rate)[0]
-            signal = fn.slice(signal, 0, audio.n_samples, axes=[0], out_of_bounds_policy="pad", fill_values=0.0)
-            signal = signal.gpu() if gpu else signal
-            power = fn.spectrogram(signal, nfft=audio.n_fft, window_length=audio.win_length,
-                                   window_step=audio.hop_length, center_windows=True, reflect_padding=True, power=2)
-            mel = fn.mel_filter_bank(power, sample_rate=audio.sample_rate, nfilter=audio.n_mels,
-                                     freq_high=audio.sample_rate / 2.0, normalize=True, mel_formula="slaney")
-            db = fn.to_decibels(mel, multiplier=10.0, reference=1.0, cutoff_db=-audio.db_cutoff)
-            logmel = fn.expand_dims((db + DB_OFFSET) / DB_SCALE, axes=[0])
-        else:
-            logmel = fn.constant(fdata=0.0, shape=[1, audio.n_mels, audio.n_frames], dtype=types.FLOAT)
-            logmel = logmel.gpu() if gpu else logmel
-        outputs.append(logmel)
+        outputs.append(waveform_log_mel(sound, use_audio, params, gpu))
     elif spec is not None:
-        if use_audio:  # drop the .npy header's elements, then view the payload as [1, H, W]
-            values = fn.reshape(sound[NPY_HEADER_BYTES // 4:], shape=[1, *spec.shape]) * spec.scale
-            values = values.gpu() if gpu else values
-        else:
-            values = fn.constant(fdata=0.0, shape=[1, *spec.shape], dtype=types.FLOAT)
-            values = values.gpu() if gpu else values
-        outputs.append(values)
-
+        outputs.append(stored_spectrogram(sound, use_audio, params, gpu))
     if text is not None:
-        if use_text:
-            tokens = ids[NPY_HEADER_BYTES // 4:]
-        else:
-            tokens = fn.constant(idata=0, shape=[text.max_len], dtype=types.INT32)
-        outputs.append(tokens)
+        outputs.append(token_ids(ids, use_text, params))
 
     use = {"visual": use_visual, "audio": use_audio, "text": use_text}
     present = fn.stack(*[fn.cast(use[m], dtype=types.UINT8) for m in modalities])
     return (*outputs, label, present, *([frame_shapes] if visual is not None else []))
+
+
+def clip_frames(jpegs: list, use, params: ModalityParams, gpu: bool, train: bool, min_crop_area: float, flip: bool,
+                seed: int) -> tuple:
+    """Frames [T, 3, crop, crop] (normalised) and their JPEG header shapes [T, 3]. Training decodes only one
+    random window (`min_crop_area`..100% of the area, aspect 3/4..4/3), the same for every frame, and resizes
+    it to the crop; evaluation decodes whole frames, resizes the short side to the crop and centre-crops."""
+    visual = params.visual
+    if use:
+        shapes = [fn.peek_image_shape(j) for j in jpegs]
+        frame_shapes = fn.stack(*shapes)
+        device = "mixed" if gpu else "cpu"
+        if train:
+            anchor, window = fn.random_crop_generator(shapes[0], random_area=[min_crop_area, 1.0],
+                                                      random_aspect_ratio=[3 / 4, 4 / 3], seed=seed + 1)
+            decoded = [fn.decoders.image_slice(j, anchor, window, axis_names="HW", normalized_anchor=False,
+                                               normalized_shape=False, device=device, output_type=types.RGB)
+                       for j in jpegs]
+            clip = fn.stack(*[fn.resize(d, size=[visual.crop, visual.crop], antialias=True) for d in decoded],
+                            axis_name="F")  # stacks crop-sized frames, not whole ones
+            mirror = fn.random.coin_flip(probability=0.5, seed=seed + 2) if flip else 0
+        else:
+            decoded = [fn.decoders.image(j, device=device, output_type=types.RGB) for j in jpegs]
+            clip = fn.resize(fn.stack(*decoded, axis_name="F"), resize_shorter=visual.crop, antialias=True)
+            mirror = 0
+        frames = fn.crop_mirror_normalize(
+            clip, crop=[visual.crop, visual.crop], mirror=mirror, dtype=types.FLOAT, output_layout="FCHW",
+            mean=[255.0 * m for m in visual.mean], std=[255.0 * s for s in visual.std])
+    else:
+        frames = _zeros(params.shape("visual"), types.FLOAT, gpu, layout="FCHW")  # conditionals merge equal layouts
+        frame_shapes = fn.constant(idata=0, shape=[visual.frames, 3], dtype=types.INT64)
+    return frames, frame_shapes
+
+
+def waveform_log_mel(sound, use, params: ModalityParams, gpu: bool):
+    """The normalised log-mel [1, n_mels, n_frames] of a WAV/FLAC member (`shards.features.log_mel` on the CPU)."""
+    audio = params.audio
+    if use:
+        signal = fn.decoders.audio(sound, dtype=types.FLOAT, downmix=True, sample_rate=audio.sample_rate)[0]
+        signal = fn.slice(signal, 0, audio.n_samples, axes=[0], out_of_bounds_policy="pad", fill_values=0.0)
+        signal = signal.gpu() if gpu else signal
+        power = fn.spectrogram(signal, nfft=audio.n_fft, window_length=audio.win_length,
+                               window_step=audio.hop_length, center_windows=True, reflect_padding=True, power=2)
+        mel = fn.mel_filter_bank(power, sample_rate=audio.sample_rate, nfilter=audio.n_mels,
+                                 freq_high=audio.sample_rate / 2.0, normalize=True, mel_formula="slaney")
+        # (10 log10(mel) + DB_OFFSET) / DB_SCALE, floored at (DB_OFFSET - db_cutoff) / DB_SCALE, in one operator
+        logmel = fn.to_decibels(mel, multiplier=10.0 / DB_SCALE, reference=10.0 ** (-DB_OFFSET / 10.0),
+                                cutoff_db=(DB_OFFSET - audio.db_cutoff) / DB_SCALE)
+        logmel = fn.expand_dims(logmel, axes=[0])
+    else:
+        logmel = _zeros(params.shape("audio"), types.FLOAT, gpu)
+    return logmel
+
+
+def stored_spectrogram(sound, use, params: ModalityParams, gpu: bool):
+    """A stored spectrogram (float32, times its scale) or log-mel (float16) as float32 [1, H, W]: the .npy
+    header's elements dropped, the payload viewed with its shape."""
+    spec = params.spectrogram
+    if use:
+        values = fn.reshape(sound[NPY_HEADER_BYTES // np.dtype(spec.dtype).itemsize:], shape=[1, *spec.shape])
+        if spec.dtype != "float32":
+            values = fn.cast(values, dtype=types.FLOAT)
+        if spec.scale != 1.0:
+            values = values * spec.scale
+        values = values.gpu() if gpu else values
+    else:
+        values = _zeros(params.shape("audio"), types.FLOAT, gpu)
+    return values
+
+
+def token_ids(ids, use, params: ModalityParams):
+    """The int32 token ids [max_len] (zeros when absent); the loader casts them to int64."""
+    if use:
+        tokens = ids[NPY_HEADER_BYTES // 4:]
+    else:
+        tokens = fn.constant(idata=0, shape=list(params.shape("text")), dtype=types.INT32)
+    return tokens
+
+
+def _zeros(shape: tuple[int, ...], dtype: types.DALIDataType, gpu: bool, layout: str | None = None):
+    """An absent modality's zeros, on the device its present branch ends on."""
+    zeros = fn.constant(fdata=0.0, shape=list(shape), dtype=dtype, **({"layout": layout} if layout else {}))
+    return zeros.gpu() if gpu else zeros
 
 
 def _keep_flags(modalities: list[str], train: bool, augment: DropSpec | None, eval_keep: np.ndarray | None,
@@ -206,48 +262,39 @@ def shuffle_buffer(info: DatasetInfo, tars: list[str], batch_size: int, part: in
     return max(1, min(fill, part))
 
 
-class DaliLoader:
+class DaliLoader(EpochLoader):
     """Iterates batches of one worker's part of a split, as dicts of torch tensors (see DESIGN.md)."""
 
-    def __init__(self, info: DatasetInfo, refs: list[SampleRef], batch_size: int, *, device: str, train: bool,
-                 augment: DropSpec | None, eval_keep: np.ndarray | None, shard_id: int, num_shards: int,
-                 seed: int, epoch: int, crop: int | None, num_threads: int, device_id: int | None,
-                 min_crop_area: float = 0.35, flip: bool = True) -> None:
+    def __init__(self, info: DatasetInfo, refs: list[SampleRef], batch_size: int, *, train: bool,
+                 augment: DropSpec | None, eval_keep: np.ndarray | None, part: WorkerPart,
+                 options: LoaderOptions) -> None:
+        super().__init__(len(refs), batch_size, train, part, options)
         self.info = info
-        self.batch_size = batch_size
-        self.train = train
-        self.gpu = device == "gpu"
-        self.epoch = epoch
-        self.batches_done = 0
+        self.gpu = options.gpu
         self.modalities = list(info.modalities)
-        self._refs = refs
         self._by_tar: dict[str, list[SampleRef]] = {}
         for ref in refs:
             self._by_tar.setdefault(ref.tar, []).append(ref)
         self._tars = list(self._by_tar)  # dataset.json order
-        self._range = shard_range(len(refs), shard_id, num_shards)
+        self._range = part.of(len(refs))
         self._part: list[SampleRef] = []  # this worker's samples in the epoch's reader order (set per pipeline)
         self._sized: dict[str, SampleRef] = {}  # key -> ref of the part's samples with a recorded frame size
-        self._params = modality_params(info, crop)
-        self._multilabel = info.multilabel
+        self._params = modality_params(info, options.crop)
         self._outputs = [m for m in ("visual", "audio", "text") if m in self.modalities]
         self.initial_fill = shuffle_buffer(info, self._tars, batch_size, len(self._range))
+        if eval_keep is None and not train:
+            eval_keep = np.ones((len(refs), len(self.modalities)), dtype=bool)
         self._kwargs = dict(
-            modalities=self.modalities, params=self._params, gpu=self.gpu, train=train, shard_id=shard_id,
-            num_shards=num_shards, initial_fill=self.initial_fill, augment=augment,
+            modalities=self.modalities, params=self._params, gpu=self.gpu, train=train, shard_id=part.shard_id,
+            num_shards=part.num_shards, initial_fill=self.initial_fill, augment=augment,
             eval_keep=None if eval_keep is None else eval_keep[self._range.start:self._range.stop],
-            label_dtype=types.FLOAT if info.multilabel else types.INT64, min_crop_area=min_crop_area, flip=flip)
-        self._num_threads = num_threads
-        self._device_id = device_id if self.gpu else None
-        self._seed, self._shard_id, self._num_shards = seed, shard_id, num_shards
+            label_dtype=types.FLOAT if info.multilabel else types.INT64, min_crop_area=options.min_crop_area,
+            flip=options.flip)
+        self._num_threads = max(1, min(options.workers, len(os.sched_getaffinity(0))))  # more than cores: no faster
+        self._device_id = (options.device_id or 0) if self.gpu else None
         self._pipe = None
         self._pipe_epoch = -1
         self._checkpoint: str | None = None
-
-    def __len__(self) -> int:
-        if self.train:
-            return training_steps(len(self._refs), self._num_shards, self.batch_size)
-        return -(-len(self._range) // self.batch_size)
 
     def _build(self) -> None:
         """A pipeline for the current epoch: its shuffle and masks depend on (seed, epoch, shard) only, so
@@ -266,46 +313,42 @@ class DaliLoader:
         """The tars in the order the current epoch's reader gets them: permuted per (seed, epoch) in training
         (the same list on every worker, so `shard_id`/`num_shards` still partition the split), dataset.json
         order in evaluation."""
-        return epoch_tars(self._tars, self._seed, self.epoch) if self.train else list(self._tars)
+        return epoch_tars(self._tars, self.part.seed, self.epoch) if self.train else list(self._tars)
 
     def epoch_samples(self) -> list[SampleRef]:
         """This worker's samples for the current epoch, in the order its reader reads them (before the
         buffer shuffle): its `shard_range` of the samples of `reader_tars()` in turn."""
         ordered = [ref for tar in self.reader_tars() for ref in self._by_tar[tar]]
-        return [ordered[i] for i in shard_range(len(ordered), self._shard_id, self._num_shards)]
+        return [ordered[i] for i in self.part.of(len(ordered))]
 
     def make_pipeline(self) -> Pipeline:
         """The (unbuilt) pipeline of the current epoch. Defining its graph needs no device, so a machine
         without a GPU can check the GPU graph (`make_pipeline()._build_graph()`): devices and layouts."""
-        rng_seed = (self._seed * 1_000_003 + self.epoch * 7_919 + self._shard_id) % 2**31
+        rng_seed = (self.part.seed * 1_000_003 + self.epoch * 7_919 + self.part.shard_id) % 2**31
         tars = self.reader_tars()
         return multimodal_pipeline(
             **self._kwargs, tars=tars, idxs=[str(Path(t).with_suffix(".idx")) for t in tars], rng_seed=rng_seed,
             batch_size=self.batch_size, num_threads=self._num_threads, device_id=self._device_id, seed=rng_seed,
-            enable_checkpointing=self.train, checkpoint=self._checkpoint, prefetch_queue_depth=2, exec_dynamic=True)
+            enable_checkpointing=self.train, checkpoint=self._checkpoint, prefetch_queue_depth=PREFETCH_DEPTH,
+            exec_dynamic=True)
 
     def state_dict(self) -> dict:
         """Epoch, batches consumed and the DALI checkpoint (reader position and random state)."""
-        state = {"epoch": self.epoch, "batches_done": self.batches_done}
+        state = super().state_dict()
         if self._pipe is not None and self.train:
             state["dali_checkpoint"] = self._pipe.checkpoint()
         return state
 
     def load_state_dict(self, state: dict) -> None:
-        self.epoch, self.batches_done = state["epoch"], state["batches_done"]
+        super().load_state_dict(state)
         self._checkpoint = state.get("dali_checkpoint")
         self._pipe = None
 
-    def set_epoch(self, epoch: int) -> None:
-        if epoch != self.epoch:
-            self.epoch, self.batches_done = epoch, 0
-
-    def __iter__(self) -> Iterator[dict]:
+    def _epoch_batches(self) -> Iterator[dict]:
         if self._pipe is None or self._pipe_epoch != self.epoch:
             self._build()
         n = len(self._range)
-        total = len(self)
-        while self.batches_done < total:
+        while True:
             start = self.batches_done * self.batch_size
             count = min(self.batch_size, n - start)
             try:
@@ -314,39 +357,27 @@ class DaliLoader:
                 raise DecodeFailure(self._locate_failure(exc)) from exc
             frame_shapes = outs.pop() if "visual" in self._outputs else None
             *tensors, label, present = outs
-            keys = [_key_of(source) for source in _source_infos(label)]
+            keys = [_key_of(source) for source in _source_infos(label)][:count]
             if frame_shapes is not None and self._sized:
-                self._check_frame_sizes(frame_shapes, keys[:count])
+                self._check_frame_sizes(frame_shapes, keys)
             if not self.train:
                 expected = [self._part[start + i].key for i in range(count)]
-                if keys[:count] != expected:
+                if keys != expected:
                     raise RuntimeError(f"DALI reader order differs from the index order at batch {self.batches_done}: "
                                        f"{keys[:3]} vs {expected[:3]}")
-            self.batches_done += 1
-            yield self._to_batch(dict(zip(self._outputs, tensors)), label, present, keys, count)
-        self.epoch += 1
-        self.batches_done = 0
-        self._pipe = None
+            labels = _as_numpy(label)[:count]
+            labels = labels[:, NPY_HEADER_BYTES // labels.dtype.itemsize:]  # the payload after the .npy header
+            yield assemble_batch({m: _to_torch(t)[:count] for m, t in zip(self._outputs, tensors)},
+                                 _as_numpy(present)[:count], labels if self.info.multilabel else labels[:, 0],
+                                 keys, self.info.multilabel)
 
-    def _to_batch(self, tensors: dict, label, present, keys: list[str], count: int) -> dict:
-        as_np = lambda tl: (tl.as_cpu() if not isinstance(tl, TensorListCPU) else tl).as_array()  # noqa: E731
-        labels = as_np(label)
-        payload = NPY_HEADER_BYTES // labels.dtype.itemsize
-        labels = labels[:, payload:]
-        batch = {m: _to_torch(t, as_np)[:count] for m, t in tensors.items()}
-        if "text" in batch:
-            batch["text"] = batch["text"].long()
-        batch.update({
-            "present": torch.from_numpy(as_np(present)[:count].astype(bool)),
-            "label": torch.from_numpy(labels[:count] if self._multilabel else labels[:count, 0].astype(np.int64)),
-            "key": keys[:count],
-        })
-        return {m: batch[m] for m in ("visual", "audio", "text", "present", "label", "key") if m in batch}
+    def _epoch_done(self) -> None:
+        self._pipe = None
 
     def _check_frame_sizes(self, shapes, keys: list[str]) -> None:
         """Raise DecodeFailure naming the first frame of the batch whose decoded (height, width) is not the one
         recorded for its sample (frames not decoded have shape zeros and are not checked)."""
-        got = (shapes.as_cpu() if not isinstance(shapes, TensorListCPU) else shapes).as_array()[:len(keys), :, :2]
+        got = _as_numpy(shapes)[:len(keys), :, :2]
         recorded = np.array([self._sized[k].frame_size if k in self._sized else (0, 0) for k in keys], np.int64)
         bad = (got != recorded[:, None]).any(axis=2) & (got[:, :, 0] > 0) & (recorded[:, None, 0] > 0)
         if bad.any():
@@ -359,15 +390,13 @@ class DaliLoader:
     def _locate_failure(self, exc: Exception) -> str:
         """Name the shard, key and member that does not decode, or decodes to another frame size than recorded
         (DALI stops the whole pipeline, e.g. when one sample's frames cannot be stacked)."""
-        from shards.verify import _decode_member
-
         for ref in self._part:
             with open(ref.tar, "rb") as f:
                 for ext, (offset, size) in ref.members.items():
                     f.seek(offset)
                     data = f.read(size)
                     try:
-                        got = _decode_member(ext, data)
+                        got = check_member(ext, data)
                     except Exception as err:  # the first member that fails is the culprit
                         return (f"shard {ref.tar}: sample {ref.key} member .{ext} does not decode ({err}); "
                                 f"run `pipeline verify` and rebuild that shard")
@@ -377,12 +406,19 @@ class DaliLoader:
         return f"DALI pipeline failed and no member fails to decode on its own: {str(exc).splitlines()[0]}"
 
 
-def _to_torch(tensor_list, as_np) -> torch.Tensor:
+def _as_numpy(tensor_list) -> np.ndarray:
+    """A dense batch as a numpy array on the host: one copy of the batch's contiguous buffer (DALI reuses its
+    output buffers), which costs a third of `TensorList.as_array()`."""
+    host = tensor_list if isinstance(tensor_list, TensorListCPU) else tensor_list.as_cpu()
+    return np.array(host.as_tensor())
+
+
+def _to_torch(tensor_list) -> torch.Tensor:
     """A batch as a torch tensor. GPU outputs stay on the GPU: copied device to device into a fresh torch
     tensor on torch's current stream, as DALI's own PyTorch iterator does (`feed_ndarray`), since DALI reuses
     its output buffers for the next batch."""
     if isinstance(tensor_list, TensorListCPU):
-        return torch.from_numpy(as_np(tensor_list))
+        return torch.from_numpy(_as_numpy(tensor_list))
     from nvidia.dali.plugin.pytorch import feed_ndarray, to_torch_type
 
     dense = tensor_list.as_tensor()

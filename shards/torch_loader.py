@@ -1,48 +1,88 @@
 """The torch loader: the same batches as the DALI loader from PyTorch DataLoader workers.
 
-It reads members by the offsets in the `.idx` files (random access into the tars), decodes JPEG with
-Pillow and WAV/FLAC with the project's decoder, and computes the log-mel with `shards.features`, which
-reproduces DALI's operators; stored spectrograms and token ids are read as typed payloads. It is the
-fallback where DALI is absent and the baseline in benchmarks. Masks come from hashes of the keys, so a
-dropped modality is never decoded here either. Every decoded frame is checked against the size the build
-recorded for its sample (`SampleRef.frame_size`). In training a worker's part is permuted as a whole per
-(seed, epoch) (`EpochSampler`); the DALI reader shuffles inside a buffer instead (see `shards.dali_loader`)."""
+It reads members by the offsets in the `.idx` files (random access into the tars, each tar opened once per
+worker: `ShardFiles`), decodes JPEG with Pillow and WAV/FLAC with `shards.members`, and computes the log-mel
+with `shards.features`, which reproduces DALI's operators; stored spectrograms and token ids are read as
+typed payloads. It is the fallback where DALI is absent and the baseline in benchmarks. Masks come from
+hashes of the keys, so a dropped modality is never decoded here either. Every decoded frame is checked
+against the size the build recorded for its sample (`SampleRef.frame_size`). In training a worker's part
+is permuted as a whole per (seed, epoch) (`EpochSampler`); the DALI reader shuffles inside a buffer instead
+(see `shards.dali_loader`).
+
+Cost per sample: the DataLoader workers persist across epochs (the sampler hands each its sample's epoch
+with the index); training crops that keep at most half of the stored frame's pixels in each direction decode
+the JPEG at 1/2, 1/4 or 1/8 scale (`Image.draft`, DCT scaling, never below the crop); frames are normalised
+in place by torch; batches are stacked straight into shared memory; and on a GPU (`device="gpu"`) they are
+pinned and copied without blocking. Pillow's JPEG plugin and PyAV are imported here, before the workers fork."""
 from __future__ import annotations
 
 import io
 import logging
+import math
+import os
+from collections import OrderedDict
 from collections.abc import Iterator
+from functools import lru_cache
 
 import numpy as np
 import torch
-from PIL import Image
-from torch.utils.data import DataLoader, Dataset, Sampler
+from PIL import Image, JpegImagePlugin  # noqa: F401  (the JPEG plugin loaded before the workers fork)
+from torch.utils.data import DataLoader, Dataset, Sampler, default_collate
 
+from shards.batches import EpochLoader, LoaderOptions, WorkerPart, assemble_batch
 from shards.features import ModalityParams, VisualParams, log_mel, mel_filters, modality_params
 from shards.format import NPY_HEADER_BYTES, DatasetInfo, frame_member, npy_payload
-from shards.samples import FrameSizeError, SampleRef, shard_range, training_steps
+from shards.members import decode_audio_member
+from shards.samples import FrameSizeError, SampleRef
 from shards.scenarios import DropSpec, augment_keep, key_uniform, resolve_present
 
 log = logging.getLogger(__name__)
+MAX_OPEN_SHARDS = 256  # tars a worker keeps open (least recently used closed first), well under `ulimit -n`
 
 
 class SampleDecodeError(RuntimeError):
     """A member that does not decode, or decodes to another frame size than recorded, with the shard and key."""
 
 
-def read_member(ref: SampleRef, ext: str) -> bytes:
-    offset, size = ref.members[ext]
-    with open(ref.tar, "rb") as f:
-        f.seek(offset)
-        return f.read(size)
+class ShardFiles:
+    """Members read by offset from tars kept open, one descriptor per tar and process. `os.pread` keeps no
+    file position, so reads need no seek and a descriptor inherited over fork stays correct."""
+
+    def __init__(self, limit: int = MAX_OPEN_SHARDS) -> None:
+        self.limit = limit
+        self._fds: OrderedDict[str, int] = OrderedDict()
+
+    def read(self, ref: SampleRef, ext: str) -> bytes:
+        offset, size = ref.members[ext]
+        fd = self._fds.get(ref.tar)
+        if fd is None:
+            fd = self._fds[ref.tar] = os.open(ref.tar, os.O_RDONLY)
+            if len(self._fds) > self.limit:
+                os.close(self._fds.popitem(last=False)[1])
+        else:
+            self._fds.move_to_end(ref.tar)
+        data = os.pread(fd, size, offset)
+        if len(data) != size:
+            raise OSError(f"{ref.tar}: member .{ext} of {ref.key} ends past the end of the file")
+        return data
+
+    def close(self) -> None:
+        while self._fds:
+            os.close(self._fds.popitem()[1])
+
+    def __getstate__(self) -> dict:  # a spawned worker opens its own descriptors
+        return {"limit": self.limit, "_fds": OrderedDict()}
+
+    def __del__(self) -> None:
+        self.close()
 
 
 def decode_frames(jpegs: list[bytes], p: VisualParams, rng: np.random.Generator | None,
                   min_crop_area: float = 0.35, flip: bool = True,
-                  recorded: tuple[int, int] | None = None) -> np.ndarray:
+                  recorded: tuple[int, int] | None = None) -> torch.Tensor:
     """[T, 3, crop, crop] normalised float32; `rng` given means training crop (+ flip), shared by all frames.
-    Raises FrameSizeError when a frame does not decode to the `recorded` (height, width)."""
-    images = [Image.open(io.BytesIO(b)).convert("RGB") for b in jpegs]
+    Raises FrameSizeError when a frame's JPEG header declares another (height, width) than `recorded`."""
+    images = [Image.open(io.BytesIO(b)) for b in jpegs]
     if recorded is not None:
         for t, image in enumerate(images):
             if image.size != (recorded[1], recorded[0]):
@@ -54,23 +94,54 @@ def decode_frames(jpegs: list[bytes], p: VisualParams, rng: np.random.Generator 
         # DALI keeps one scale for both axes and centres the source region of the rounded output size
         src_w, src_h = size[0] / scale, size[1] / scale
         region = ((w - src_w) / 2, (h - src_h) / 2, (w + src_w) / 2, (h + src_h) / 2)
+        images = [_rgb(im) for im in images]
         if min(region[:2]) < 0:  # rounding up made the region wider than the image (e.g. 340x256 -> 224):
             pad = int(np.ceil(-min(region[:2])))  # Pillow refuses it; DALI clamps its samples to the edge
             images = [_pad_edge(im, pad) for im in images]
             region = tuple(r + pad for r in region)
         images = [im if im.size == size else im.resize(size, Image.BILINEAR, box=region) for im in images]
         left, top = int((size[0] - p.crop) / 2 + 0.5), int((size[1] - p.crop) / 2 + 0.5)  # DALI rounds half up
-        box, flip = (left, top, left + p.crop, top + p.crop), False
-        images = [im.crop(box) for im in images]
+        images = [im.crop((left, top, left + p.crop, top + p.crop)) for im in images]
     else:
         box = _random_resized_box(w, h, rng, min_crop_area)
-        flip = bool(rng.random() < 0.5) and flip
-        images = [im.resize((p.crop, p.crop), Image.BILINEAR, box=box) for im in images]
-    clip = np.stack([np.asarray(im, dtype=np.float32) for im in images])  # T H W C
-    if flip:
-        clip = clip[:, :, ::-1]
-    clip = (clip - 255.0 * np.array(p.mean, np.float32)) / (255.0 * np.array(p.std, np.float32))
-    return np.ascontiguousarray(clip.transpose(0, 3, 1, 2))
+        mirror = bool(rng.random() < 0.5) and flip
+        images = [_rgb(im).resize((p.crop, p.crop), Image.BILINEAR, box=reduced_box)
+                  for im, reduced_box in (_draft(im, box, p.crop) for im in images)]
+        if mirror:
+            images = [im.transpose(Image.Transpose.FLIP_LEFT_RIGHT) for im in images]
+    return _normalise(torch.from_numpy(np.stack([np.asarray(im) for im in images])), p)
+
+
+def _rgb(image: Image.Image) -> Image.Image:
+    return image if image.mode == "RGB" else image.convert("RGB")
+
+
+def _draft(image: Image.Image, box: tuple[float, float, float, float],
+           crop: int) -> tuple[Image.Image, tuple[float, float, float, float]]:
+    """`image` set to decode at the smallest JPEG scale (1, 1/2, 1/4, 1/8) at which `box` still spans at least
+    `crop` pixels each way, and `box` in the pixels of that scale (the crop is then still a downscale)."""
+    width = image.width
+    want = (math.ceil(image.width * crop / (box[2] - box[0])), math.ceil(image.height * crop / (box[3] - box[1])))
+    drafted = image.draft("RGB", want) if image.format == "JPEG" else None
+    if drafted is None:
+        return image, box
+    factor = drafted[1][2] / width  # 1 / scale
+    return image, tuple(c * factor for c in box)
+
+
+@lru_cache(maxsize=16)
+def _mean_std(p: VisualParams) -> tuple[torch.Tensor, torch.Tensor]:
+    """255 * mean and 255 * std as float32 [3, 1, 1] (pixel values are 0..255)."""
+    mean, std = (255.0 * torch.tensor(v, dtype=torch.float32).view(3, 1, 1) for v in (p.mean, p.std))
+    return mean, std
+
+
+def _normalise(clip: torch.Tensor, p: VisualParams) -> torch.Tensor:
+    """uint8 [T, H, W, 3] -> float32 [T, 3, H, W], (x - mean) / std, in one conversion and two in-place ops."""
+    mean, std = _mean_std(p)
+    out = torch.empty((clip.shape[0], 3, clip.shape[1], clip.shape[2]), dtype=torch.float32)
+    out.copy_(clip.permute(0, 3, 1, 2))
+    return out.sub_(mean).div_(std)
 
 
 def _pad_edge(image: Image.Image, pad: int) -> Image.Image:
@@ -94,46 +165,43 @@ def _random_resized_box(w: int, h: int, rng: np.random.Generator,
 
 def decode_audio(data: bytes) -> np.ndarray:
     """float32 mono in [-1, 1] from a WAV or FLAC member."""
-    from pipeline.encode import decode_audio_member
-
-    return decode_audio_member(data).astype(np.float32) / 32768.0
+    return decode_audio_member(data).astype(np.float32) * np.float32(1 / 32768)
 
 
 class ShardSamples(Dataset):
-    """Map-style view of one worker's samples; each item is decoded with its masks applied."""
+    """Map-style view of one worker's samples; item (i, epoch) is sample i decoded with that epoch's masks
+    and crop (the epoch travels with the index, so persistent workers need no message when it changes)."""
 
-    def __init__(self, info: DatasetInfo, refs: list[SampleRef], params: ModalityParams,
-                 train: bool, augment: DropSpec | None, eval_keep: np.ndarray | None, seed: int,
-                 on_error: str, min_crop_area: float = 0.35, flip: bool = True) -> None:
+    def __init__(self, info: DatasetInfo, refs: list[SampleRef], params: ModalityParams, train: bool,
+                 augment: DropSpec | None, eval_keep: np.ndarray | None, seed: int, options: LoaderOptions) -> None:
         self.info, self.refs, self.params = info, refs, params
-        self.visual, self.audio = params.visual, params.audio
-        self.train, self.augment, self.eval_keep, self.seed, self.on_error = train, augment, eval_keep, seed, on_error
+        self.train, self.augment, self.eval_keep, self.seed = train, augment, eval_keep, seed
+        self.options = options
         self.modalities = list(info.modalities)
-        self.audio_ext = params.audio_member
         audio = params.audio
         self.filters = torch.from_numpy(mel_filters(audio.sample_rate, audio.n_fft, audio.n_mels)) if audio else None
-        self.epoch = 0
-        self.min_crop_area, self.flip = min_crop_area, flip
+        self.files = ShardFiles()
 
     def __len__(self) -> int:
         return len(self.refs)
 
-    def __getitem__(self, i: int) -> dict | None:
+    def __getitem__(self, item: tuple[int, int]) -> dict | None:
+        i, epoch = item
         ref = self.refs[i]
         has = np.array([[self._has(ref, m) for m in self.modalities]])
         if self.eval_keep is not None:
             keep = self.eval_keep[i:i + 1]
         elif self.train and self.augment is not None and self.augment.active:
-            keep = augment_keep([ref.key], self.modalities, self.augment, self.seed, self.epoch)
+            keep = augment_keep([ref.key], self.modalities, self.augment, self.seed, epoch)
         else:
             keep = np.ones_like(has)
         present = resolve_present(has, keep, never_all=self.train)[0]
         try:
-            return self._decode(ref, dict(zip(self.modalities, present)))
+            return self._decode(ref, dict(zip(self.modalities, present)), epoch)
         except Exception as exc:  # any decoder error: name where, then raise or skip
             what = exc if isinstance(exc, FrameSizeError) else f"does not decode ({type(exc).__name__}: {exc})"
             message = f"shard {ref.tar}: sample {ref.key} {what}"
-            if self.on_error == "skip":
+            if self.options.on_error == "skip":
                 log.warning("skipping: %s", message)
                 return None
             raise SampleDecodeError(message + "; run `pipeline verify` and rebuild that shard") from exc
@@ -142,63 +210,64 @@ class ShardSamples(Dataset):
         if modality == "visual":
             return frame_member(0) in ref.members
         if modality == "audio":
-            return self.audio_ext in ref.members
-        return "text.npy" in ref.members
+            return self.params.audio_member in ref.members
+        return self.params.text.member in ref.members
 
-    def _decode(self, ref: SampleRef, present: dict[str, bool]) -> dict:
-        v, a, spec, text = self.visual, self.audio, self.params.spectrogram, self.params.text
+    def _decode(self, ref: SampleRef, present: dict[str, bool], epoch: int) -> dict:
         item = {"key": ref.key, "present": np.array([present[m] for m in self.modalities])}
-        if "visual" in present:
-            if present["visual"]:
-                rng = None
-                if self.train:
-                    rng = np.random.default_rng(int(key_uniform(ref.key, self.seed, f"crop:{self.epoch}") * 2**63))
-                item["visual"] = decode_frames([read_member(ref, frame_member(t)) for t in range(v.frames)], v, rng,
-                                               self.min_crop_area, self.flip, ref.frame_size)
-            else:
-                item["visual"] = np.zeros((v.frames, 3, v.crop, v.crop), np.float32)
-        if "audio" in present and spec is not None:
-            if present["audio"]:
-                values = npy_payload(read_member(ref, spec.member), np.float32).reshape(1, *spec.shape)
-                item["audio"] = values * np.float32(spec.scale)
-            else:
-                item["audio"] = np.zeros((1, *spec.shape), np.float32)
-        elif "audio" in present:
-            if present["audio"]:
-                item["audio"] = log_mel(decode_audio(read_member(ref, self.audio_ext)), a, self.filters).numpy()
-            else:
-                item["audio"] = np.zeros((1, a.n_mels, a.n_frames), np.float32)
-        if "text" in present:
-            if present["text"]:
-                item["text"] = npy_payload(read_member(ref, text.member), np.int32).astype(np.int64)
-            else:
-                item["text"] = np.zeros(text.max_len, np.int64)
-        label = read_member(ref, "label.npy")
+        decoders = {"visual": self._visual, "audio": self._audio, "text": self._text}
+        for modality, use in present.items():
+            if use:
+                item[modality] = decoders[modality](ref, epoch)
+            else:  # absent: zeros of the decoded shape
+                item[modality] = torch.zeros(self.params.shape(modality),
+                                             dtype=torch.int64 if modality == "text" else torch.float32)
+        label = self.files.read(ref, "label.npy")
         if self.info.multilabel:
             item["label"] = np.frombuffer(label, np.float32, offset=NPY_HEADER_BYTES).copy()
         else:
             item["label"] = int(np.frombuffer(label, np.int64, offset=NPY_HEADER_BYTES)[0])
         return item
 
+    def _visual(self, ref: SampleRef, epoch: int) -> torch.Tensor:
+        v = self.params.visual
+        rng = None
+        if self.train:
+            rng = np.random.default_rng(int(key_uniform(ref.key, self.seed, f"crop:{epoch}") * 2**63))
+        return decode_frames([self.files.read(ref, frame_member(t)) for t in range(v.frames)], v, rng,
+                             self.options.min_crop_area, self.options.flip, ref.frame_size)
+
+    def _audio(self, ref: SampleRef, epoch: int) -> torch.Tensor:
+        spec = self.params.spectrogram
+        if spec is None:  # a waveform: its log-mel
+            return log_mel(decode_audio(self.files.read(ref, self.params.audio_ext)), self.params.audio, self.filters)
+        values = npy_payload(self.files.read(ref, spec.member), np.dtype(spec.dtype)).astype(np.float32)
+        if spec.scale != 1.0:
+            values *= np.float32(spec.scale)
+        return torch.from_numpy(values.reshape(1, *spec.shape))
+
+    def _text(self, ref: SampleRef, epoch: int) -> torch.Tensor:
+        return torch.from_numpy(npy_payload(self.files.read(ref, self.params.text.member), np.int32).astype(np.int64))
+
 
 def collate(items: list[dict | None]) -> dict:
-    """Stack decoded samples; skipped (None) samples are counted in `skipped`."""
+    """Stack decoded samples into the batch dict (in a worker, straight into shared memory, as torch's
+    `default_collate` does, so a batch crosses to the main process without another copy); skipped (None)
+    samples are counted in `skipped`."""
     good = [it for it in items if it is not None]
     batch: dict = {"skipped": len(items) - len(good)}
     if not good:
         return batch
-    for name in ("visual", "audio", "text"):
-        if name in good[0]:
-            batch[name] = torch.from_numpy(np.stack([it[name] for it in good]))
-    batch["present"] = torch.from_numpy(np.stack([it["present"] for it in good]))
+    tensors = {m: default_collate([it[m] for it in good]) for m in ("visual", "audio", "text") if m in good[0]}
     labels = np.stack([it["label"] for it in good])
-    batch["label"] = torch.from_numpy(labels.astype(np.float32 if labels.ndim == 2 else np.int64))
-    batch["key"] = [it["key"] for it in good]
+    batch.update(assemble_batch(tensors, np.stack([it["present"] for it in good]), labels,
+                                [it["key"] for it in good], multilabel=labels.ndim == 2))
     return batch
 
 
-class EpochSampler(Sampler[int]):
-    """Sequential in evaluation; in training a permutation fixed by (seed, epoch); skips consumed items."""
+class EpochSampler(Sampler[tuple[int, int]]):
+    """(index, epoch) pairs: sequential in evaluation; in training a permutation fixed by (seed, epoch);
+    skips the items already consumed."""
 
     def __init__(self, n: int, train: bool, seed: int) -> None:
         self.n, self.train, self.seed = n, train, seed
@@ -209,66 +278,55 @@ class EpochSampler(Sampler[int]):
             return np.arange(self.n)
         return np.random.default_rng([self.seed, self.epoch]).permutation(self.n)
 
-    def __iter__(self) -> Iterator[int]:
-        return iter(self.order()[self.skip:].tolist())
+    def __iter__(self) -> Iterator[tuple[int, int]]:
+        return ((i, self.epoch) for i in self.order()[self.skip:].tolist())
 
     def __len__(self) -> int:
         return self.n - self.skip
 
 
-class TorchLoader:
+class TorchLoader(EpochLoader):
     """Iterates batches of one worker's part of a split (same dicts as DaliLoader)."""
 
     def __init__(self, info: DatasetInfo, refs: list[SampleRef], batch_size: int, *, train: bool,
-                 augment: DropSpec | None, eval_keep: np.ndarray | None, shard_id: int, num_shards: int,
-                 seed: int, epoch: int, crop: int | None, num_workers: int, on_error: str = "raise",
-                 min_crop_area: float = 0.35, flip: bool = True) -> None:
-        part = shard_range(len(refs), shard_id, num_shards)
-        self._total, self._num_shards = len(refs), num_shards
-        keep = None if eval_keep is None else eval_keep[part.start:part.stop]
-        self.batch_size, self.train = batch_size, train
-        self.dataset = ShardSamples(info, [refs[i] for i in part], modality_params(info, crop), train, augment,
-                                    keep, seed, on_error, min_crop_area, flip)
-        self.sampler = EpochSampler(len(self.dataset), train, seed)
-        self.num_workers = num_workers
-        self.epoch = epoch
-        self.batches_done = 0
+                 augment: DropSpec | None, eval_keep: np.ndarray | None, part: WorkerPart,
+                 options: LoaderOptions) -> None:
+        super().__init__(len(refs), batch_size, train, part, options)
+        span = part.of(len(refs))
+        keep = None if eval_keep is None else eval_keep[span.start:span.stop]
+        self.dataset = ShardSamples(info, [refs[i] for i in span], modality_params(info, options.crop), train,
+                                    augment, keep, part.seed, options)
+        self.sampler = EpochSampler(len(self.dataset), train, part.seed)
+        self.num_workers = options.workers
+        self.device = torch.device("cuda", options.device_id or 0) if options.gpu else None
         self.skipped = 0
+        self._loader: DataLoader | None = None
 
-    def __len__(self) -> int:
-        if self.train:
-            return training_steps(self._total, self._num_shards, self.batch_size)
-        return -(-len(self.dataset) // self.batch_size)
+    def _data_loader(self) -> DataLoader:
+        """One DataLoader for the loader's life: its workers persist from epoch to epoch."""
+        if self._loader is None:
+            workers = self.num_workers
+            self._loader = DataLoader(
+                self.dataset, batch_size=self.batch_size, sampler=self.sampler, collate_fn=collate,
+                num_workers=workers, drop_last=self.train and len(self.dataset) >= self.batch_size,
+                persistent_workers=workers > 0, prefetch_factor=4 if workers else None,
+                pin_memory=self.device is not None)
+        return self._loader
 
-    def state_dict(self) -> dict:
-        return {"epoch": self.epoch, "batches_done": self.batches_done}
-
-    def load_state_dict(self, state: dict) -> None:
-        self.epoch, self.batches_done = state["epoch"], state["batches_done"]
-
-    def set_epoch(self, epoch: int) -> None:
-        if epoch != self.epoch:
-            self.epoch, self.batches_done = epoch, 0
-
-    def __iter__(self) -> Iterator[dict]:
-        self.dataset.epoch = self.sampler.epoch = self.epoch
-        self.sampler.skip = self.batches_done * self.batch_size
-        loader = DataLoader(self.dataset, batch_size=self.batch_size, sampler=self.sampler, collate_fn=collate,
-                            num_workers=self.num_workers, drop_last=self.train and len(self.dataset) >= self.batch_size,
-                            persistent_workers=False, prefetch_factor=4 if self.num_workers else None)
+    def _epoch_batches(self) -> Iterator[dict | None]:
+        self.sampler.epoch, self.sampler.skip = self.epoch, self.batches_done * self.batch_size
         self.skipped = 0
-        batches = iter(loader)
-        try:
-            for batch in batches:
-                if self.batches_done >= len(self):
-                    break
-                self.batches_done += 1
-                self.skipped += batch.pop("skipped")
-                if "key" in batch:
-                    yield batch
-        finally:  # also when the consumer stops early: shut the worker processes down now
-            del batches
+        for batch in self._data_loader():
+            self.skipped += batch.pop("skipped")
+            yield self._to_device(batch) if "key" in batch else None
+
+    def _epoch_done(self) -> None:
         if self.skipped:
             log.warning("epoch %d: skipped %d samples that did not decode", self.epoch, self.skipped)
-        self.epoch += 1
-        self.batches_done = 0
+
+    def _to_device(self, batch: dict) -> dict:
+        """On a GPU, the (pinned) tensors copied without blocking the host: the copy is ordered on the current
+        stream before the consumer's kernels."""
+        if self.device is None:
+            return batch
+        return {k: v.to(self.device, non_blocking=True) if torch.is_tensor(v) else v for k, v in batch.items()}

@@ -4,19 +4,16 @@ Verify checks checksums, indexes against the tars, the manifest's keys, that eve
 that every frame decodes to the size recorded in the manifest (`frame_height`, `frame_width`)."""
 from __future__ import annotations
 
-import io
-import json
 import tarfile
 from collections import Counter
 from pathlib import Path
 
 import numpy as np
 import pyarrow.parquet as pq
-import zstandard
-from PIL import Image
 from tqdm import tqdm
 
 from shards.format import DatasetInfo, FormatError, read_dataset_info, read_index
+from shards.members import check_member
 from shards.samples import FrameSizeError, recorded_frame_sizes
 from shards.writer import sha256_file
 
@@ -34,35 +31,6 @@ def _tar_index(tar_path: Path) -> list[tuple[str, dict[str, tuple[int, int]]]]:
                 samples.append((key, {}))
             samples[-1][1][ext] = (member.offset_data, member.size)
     return samples
-
-
-def _decode_member(ext: str, data: bytes) -> tuple[int, int] | None:
-    """Raise if a member does not decode; a JPEG's decoded (height, width), None for other members."""
-    from pipeline.encode import decode_audio_member
-
-    if ext.endswith("jpg"):
-        with Image.open(io.BytesIO(data)) as image:
-            image.load()
-            return image.height, image.width
-    elif ext in ("wav", "flac"):
-        if len(decode_audio_member(data)) == 0:
-            raise ValueError("audio member holds no samples")
-    elif ext == "text.npy":
-        ids = np.load(io.BytesIO(data), allow_pickle=False)
-        if ids.dtype != np.int32 or ids.ndim != 1 or (ids < 0).any():
-            raise ValueError(f"token ids must be non-negative int32 [L], got {ids.dtype} {ids.shape}")
-    elif ext == "spec.npy":
-        spec = np.load(io.BytesIO(data), allow_pickle=False)
-        if spec.dtype != np.float32 or spec.ndim != 2 or not np.isfinite(spec).all():
-            raise ValueError(f"spectrogram must be finite float32 [H, W], got {spec.dtype} {spec.shape}")
-    elif ext.endswith("npy"):
-        np.load(io.BytesIO(data), allow_pickle=False)
-    elif ext.endswith("zst"):
-        zstandard.ZstdDecompressor().decompress(data).decode("utf-8")
-    elif ext == "json":
-        json.loads(data)
-    elif ext == "cls":
-        [int(x) for x in data.decode().split(",")]
 
 
 def verify_dataset(dataset_dir: Path, decode: bool = True, progress: bool = True) -> list[str]:
@@ -118,7 +86,7 @@ def _decode_shard(tar_path: Path, name: str, index: list[tuple[str, dict[str, tu
         recorded = frame_sizes.get((name, key))
         for ext, (offset, size) in members.items():
             try:
-                got = _decode_member(ext, blob[offset:offset + size])
+                got = check_member(ext, blob[offset:offset + size])
             except Exception as exc:  # any decoder failure is a finding, never a crash of verify
                 problems.append(f"{name}: key {key} member .{ext} does not decode ({type(exc).__name__}: {exc})")
                 continue
@@ -139,6 +107,8 @@ def inspect_dataset(dataset_dir: Path) -> str:
                          f"{info.text.get('max_len')} ids per sample"}
     if info.audio.get("kind") == "spectrogram_array":
         described["audio"] = f"audio: stored spectrograms {info.audio.get('shape')}"
+    elif info.audio.get("kind") == "logmel_array":
+        described["audio"] = f"audio: stored log-mel {info.audio.get('shape')} {info.audio.get('dtype')}"
     else:
         described["audio"] = (f"audio: {info.audio.get('sample_rate')} Hz {info.audio.get('codec')}, "
                               f"median {info.audio.get('seconds')} s")

@@ -15,13 +15,13 @@ from pathlib import Path
 import pyarrow.parquet as pq
 import pytest
 
-from tests.conftest import BuiltDataset
 from pipeline.cli import main
 from shards.format import jpeg_size, read_dataset_info
 from shards.loader import dali_available, make_loader
 from shards.samples import SampleRef, split_samples
 from shards.verify import verify_dataset
 from shards.writer import sha256_file
+from tests.conftest import BuiltDataset
 
 SPLIT = "train"
 SHRINK = 16  # rows taken off the height the header claims

@@ -18,8 +18,7 @@ if str(ROOT) not in sys.path:  # `tests` has no __init__.py; make `tests.media` 
     sys.path.insert(0, str(ROOT))
 
 from pipeline.decode import decode_clip, frame_times  # noqa: E402
-from tests.media import (VFR_BAR_SPEED, VFR_BAR_WIDTH, VFR_FAST_FPS, VFR_SECONDS, VFR_SLOW_FPS,  # noqa: E402
-                         VFR_SWITCH, vfr_clip)
+from tests.media import VFR_BAR_SPEED, VFR_BAR_WIDTH, VFR_FAST_FPS, VFR_SECONDS, VFR_SLOW_FPS, VFR_SWITCH, vfr_clip  # noqa: E402
 
 N_FRAMES, FPS = 8, 2.0  # 0.75, 1.25, ... 4.25 s: four targets in the 5 fps part, four in the 25 fps part
 CONTENT_TOL = 0.02  # s: the bar's centroid after H.264 is within 1 px (0.02 s at 50 px/s)

@@ -22,9 +22,9 @@ ROOT = Path(__file__).resolve().parent.parent
 if str(ROOT) not in sys.path:  # `tests` has no __init__.py; make `tests.media` importable either way
     sys.path.insert(0, str(ROOT))
 
+from pipeline.adapters import MMIMDB_GENRES  # noqa: E402
 from pipeline.build import BuildOptions, build_shards  # noqa: E402
 from pipeline.cli import main as pipeline_main  # noqa: E402
-from pipeline.adapters import MMIMDB_GENRES  # noqa: E402
 from pipeline.text import decode_text, words  # noqa: E402
 from shards.format import read_dataset_info  # noqa: E402
 from shards.loader import dali_available, make_loader  # noqa: E402

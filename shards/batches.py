@@ -1,0 +1,132 @@
+"""What the DALI and torch loaders share beyond what their libraries force on them.
+
+`LoaderOptions` (how to load: backend, device, workers, crop, flip, error policy) and `WorkerPart` (which
+part of the split and which random stream: shard id, number of shards, seed, epoch) are what
+`shards.loader.make_loader` builds from its arguments; `EpochLoader` is the epoch and resume protocol
+(`len`, `set_epoch`, `state_dict`, `load_state_dict`, epochs that end and advance themselves), and
+`assemble_batch` the batch dict of DESIGN.md. Each loader only says how it decodes a batch."""
+from __future__ import annotations
+
+from collections.abc import Iterator
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+
+from shards.samples import shard_range, training_steps
+
+BACKENDS = ("auto", "dali", "torch")
+DEVICES = ("cpu", "gpu")
+ERROR_POLICIES = ("raise", "skip")
+_END = object()  # no more batches this epoch
+
+
+@dataclass(frozen=True)
+class LoaderOptions:
+    """How batches are made. `workers`: DataLoader processes (torch) or DALI threads; training frames get a
+    random-resized crop of `min_crop_area`..100% of the frame and, with `flip`, a horizontal flip; `crop`
+    None means dataset.json's; `on_error="skip"` (torch only) drops samples that do not decode;
+    `device_id` is the CUDA device of `device="gpu"`."""
+
+    backend: str = "auto"
+    device: str = "cpu"
+    workers: int = 2
+    crop: int | None = None
+    min_crop_area: float = 0.35
+    flip: bool = True
+    on_error: str = "raise"
+    device_id: int | None = None
+
+    def __post_init__(self) -> None:
+        for name, value, allowed in (("backend", self.backend, BACKENDS), ("device", self.device, DEVICES),
+                                     ("on_error", self.on_error, ERROR_POLICIES)):
+            if value not in allowed:
+                raise ValueError(f"{name} {value!r}: use one of {', '.join(allowed)}")
+        if self.backend == "dali" and self.on_error == "skip":
+            raise ValueError("on_error='skip' needs backend='torch': a DALI pipeline stops at the first bad member")
+
+    @property
+    def gpu(self) -> bool:
+        return self.device == "gpu"
+
+
+@dataclass(frozen=True)
+class WorkerPart:
+    """One training worker's share: `shard_id` of `num_shards` contiguous parts of the split (DALI's rule,
+    `shards.samples.shard_range`), the `seed` of its shuffles and masks, and the epoch it starts at."""
+
+    shard_id: int = 0
+    num_shards: int = 1
+    seed: int = 0
+    epoch: int = 0
+
+    def __post_init__(self) -> None:
+        shard_range(0, self.shard_id, self.num_shards)  # raises for a shard id outside the world
+
+    def of(self, n: int) -> range:
+        """The indices of this part among n samples."""
+        return shard_range(n, self.shard_id, self.num_shards)
+
+
+class EpochLoader:
+    """Epochs of batches with resume: `len` is the steps of an epoch (in training the same on every worker,
+    so DDP workers step together), an epoch that runs to its end moves on to the next, `state_dict` /
+    `load_state_dict` carry (epoch, batches consumed), and `set_epoch` starts another epoch from its first
+    batch. `part` and `options` are kept as make_loader built them. A subclass yields the current epoch's
+    batches from batch `batches_done` on (`_epoch_batches`)."""
+
+    def __init__(self, total: int, batch_size: int, train: bool, part: WorkerPart, options: LoaderOptions) -> None:
+        self.batch_size, self.train, self.part, self.options = batch_size, train, part, options
+        self._total, self._part_size = total, len(part.of(total))
+        self.epoch, self.batches_done = part.epoch, 0
+
+    def __len__(self) -> int:
+        if self.train:
+            return training_steps(self._total, self.part.num_shards, self.batch_size)
+        return -(-self._part_size // self.batch_size)
+
+    def state_dict(self) -> dict:
+        return {"epoch": self.epoch, "batches_done": self.batches_done}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.epoch, self.batches_done = state["epoch"], state["batches_done"]
+
+    def set_epoch(self, epoch: int) -> None:
+        if epoch != self.epoch:
+            self.epoch, self.batches_done = epoch, 0
+
+    def __iter__(self) -> Iterator[dict]:
+        batches = self._epoch_batches()
+        try:
+            while self.batches_done < len(self):
+                batch = next(batches, _END)
+                if batch is _END:
+                    break
+                self.batches_done += 1
+                if batch is not None:
+                    yield batch
+        finally:  # also when the consumer stops early
+            batches.close()
+        self._epoch_done()
+        self.epoch, self.batches_done = self.epoch + 1, 0
+
+    def _epoch_batches(self) -> Iterator[dict | None]:
+        """The current epoch's batches from batch `batches_done` on; None for a batch with nothing to yield."""
+        raise NotImplementedError
+
+    def _epoch_done(self) -> None:
+        """Called when an epoch has run to its end, before the epoch counter moves on."""
+
+
+def assemble_batch(tensors: dict[str, torch.Tensor], present: torch.Tensor | np.ndarray, labels: np.ndarray,
+                   keys: list[str], multilabel: bool) -> dict:
+    """The batch dict of DESIGN.md in its order: visual, audio, text (those in `tensors`; text as int64),
+    present (bool [B, M]), label (int64 [B], or float32 [B, C] multi-hot), key."""
+    batch = {m: tensors[m] for m in ("visual", "audio", "text") if m in tensors}
+    if "text" in batch:
+        batch["text"] = batch["text"].long()
+    batch["present"] = torch.as_tensor(present).bool()
+    labels = np.asarray(labels)
+    batch["label"] = torch.from_numpy(labels.astype(np.float32) if multilabel else labels.reshape(-1).astype(np.int64))
+    batch["key"] = list(keys)
+    return batch
