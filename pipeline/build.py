@@ -203,8 +203,11 @@ def _run_local(todo: list[ShardTask], src: Path, out: Path, opts: BuildOptions, 
         for job in jobs:
             yield _run_task(job)
         return
-    # Pool.__exit__ terminates the workers, so an error or Ctrl-C in the parent stops them at once
-    with multiprocessing.get_context("fork").Pool(min(workers, len(jobs)) or 1, initializer=_worker_init) as pool:
+    # Pool.__exit__ terminates the workers, so an error or Ctrl-C in the parent stops them at once. Forking is
+    # cheap, but not safe once torch has started its OpenMP threads in this process (a forked child's first
+    # torch op can then wait forever, e.g. the log-mel of --audio-features logmel): spawn fresh workers then.
+    method = "spawn" if "torch" in sys.modules else "fork"
+    with multiprocessing.get_context(method).Pool(min(workers, len(jobs)) or 1, initializer=_worker_init) as pool:
         yield from pool.imap_unordered(_run_task, jobs)
 
 
