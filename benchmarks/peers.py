@@ -56,6 +56,7 @@ from shards.features import AudioParams, VisualParams, log_mel, mel_filters
 from shards.format import DatasetInfo, frame_member
 from shards.samples import SampleRef, split_samples
 from shards.scenarios import DropSpec, augment_keep, key_uniform, resolve_present
+from shards.torch_loader import random_resized_box
 
 IMAGENET_MEAN, IMAGENET_STD = [0.485, 0.456, 0.406], [0.229, 0.224, 0.225]
 
@@ -75,25 +76,10 @@ def wav_audio(data: bytes) -> np.ndarray:
         return np.frombuffer(w.readframes(w.getnframes()), dtype="<i2").astype(np.float32) / 32768.0
 
 
-def random_resized_box(w: int, h: int, rng: np.random.Generator,
-                       min_area: float = 0.35) -> tuple[float, float, float, float]:
-    """The shard loaders' training crop: min_area..100% of the area, aspect ratio 3/4..4/3, else the centre
-    square."""
-    for _ in range(10):
-        area = w * h * rng.uniform(min_area, 1.0)
-        ratio = np.exp(rng.uniform(np.log(3 / 4), np.log(4 / 3)))
-        cw, ch = np.sqrt(area * ratio), np.sqrt(area / ratio)
-        if cw <= w and ch <= h:
-            x, y = rng.uniform(0, w - cw), rng.uniform(0, h - ch)
-            return (x, y, x + cw, y + ch)
-    side = min(w, h)
-    return ((w - side) / 2, (h - side) / 2, (w + side) / 2, (h + side) / 2)
-
-
 def crop_frames(images: list[Image.Image], crop: int, rng: np.random.Generator) -> np.ndarray:
     """uint8 [T, crop, crop, 3]: one random resized crop (bilinear) and one flip for all frames, drawn as the
     shard loaders draw them."""
-    box = random_resized_box(*images[0].size, rng)
+    box = random_resized_box(*images[0].size, rng, 0.35)  # the shard loaders' training crop
     clip = np.stack([np.asarray(im.resize((crop, crop), Image.BILINEAR, box=box)) for im in images])
     return np.ascontiguousarray(clip[:, :, ::-1]) if rng.random() < 0.5 else clip
 

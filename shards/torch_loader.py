@@ -103,7 +103,7 @@ def decode_frames(jpegs: list[bytes], p: VisualParams, rng: np.random.Generator 
         left, top = int((size[0] - p.crop) / 2 + 0.5), int((size[1] - p.crop) / 2 + 0.5)  # DALI rounds half up
         images = [im.crop((left, top, left + p.crop, top + p.crop)) for im in images]
     else:
-        box = _random_resized_box(w, h, rng, min_crop_area)
+        box = random_resized_box(w, h, rng, min_crop_area)
         mirror = bool(rng.random() < 0.5) and flip
         images = [_rgb(im).resize((p.crop, p.crop), Image.BILINEAR, box=reduced_box)
                   for im, reduced_box in (_draft(im, box, p.crop) for im in images)]
@@ -149,7 +149,7 @@ def _pad_edge(image: Image.Image, pad: int) -> Image.Image:
     return Image.fromarray(np.pad(np.asarray(image), ((pad, pad), (pad, pad), (0, 0)), mode="edge"))
 
 
-def _random_resized_box(w: int, h: int, rng: np.random.Generator,
+def random_resized_box(w: int, h: int, rng: np.random.Generator,
                         min_area: float) -> tuple[float, float, float, float]:
     """Random crop of min_area..100% of the area, aspect ratio 3/4..4/3 (as DALI's random_resized_crop)."""
     for _ in range(10):
