@@ -61,8 +61,8 @@ from pipeline.decode import decode_clip
 from shards.features import AudioParams, VisualParams, log_mel, mel_filters
 from shards.format import read_dataset_info
 from shards.loader import dali_available, make_loader
-from shards.samples import split_shards
-from shards.scenarios import DropSpec, augment_keep, resolve_present
+from shards.masks import DropSpec, augment_keep, resolve_present
+from shards.sample_refs import split_shards
 
 log = logging.getLogger("benchmarks.loader")
 SPLIT = "train"

@@ -54,8 +54,8 @@ from torch.utils.data import DataLoader, Dataset
 
 from shards.features import AudioParams, VisualParams, log_mel, mel_filters
 from shards.format import DatasetInfo, frame_member
-from shards.samples import SampleRef, split_samples
-from shards.scenarios import DropSpec, augment_keep, key_uniform, resolve_present
+from shards.masks import DropSpec, augment_keep, key_uniform, resolve_present
+from shards.sample_refs import SampleRef, split_samples
 from shards.torch_loader import random_resized_box
 
 IMAGENET_MEAN, IMAGENET_STD = [0.485, 0.456, 0.406], [0.229, 0.224, 0.225]

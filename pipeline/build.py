@@ -38,7 +38,7 @@ from pipeline.merge import merge_parts, reject_table, write_parquet
 from pipeline.options import BuildContext, BuildOptions, SourceError
 from pipeline.text import prepare_tokenizer
 from shards.format import FORMAT_VERSION, DatasetInfo
-from shards.scenarios import key_uniform
+from shards.masks import key_uniform
 from shards.writer import ShardWriter, atomic_write_bytes, write_shard
 
 log = logging.getLogger(__name__)

@@ -13,7 +13,8 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from shards.samples import shard_range, training_steps
+from shards.format import MODALITIES
+from shards.sample_refs import shard_range, training_steps
 
 BACKENDS = ("auto", "dali", "torch")
 DEVICES = ("cpu", "gpu")
@@ -53,7 +54,7 @@ class LoaderOptions:
 @dataclass(frozen=True)
 class WorkerPart:
     """One training worker's share: `shard_id` of `num_shards` contiguous parts of the split (DALI's rule,
-    `shards.samples.shard_range`), the `seed` of its shuffles and masks, and the epoch it starts at."""
+    `shards.sample_refs.shard_range`), the `seed` of its shuffles and masks, and the epoch it starts at."""
 
     shard_id: int = 0
     num_shards: int = 1
@@ -122,7 +123,7 @@ def assemble_batch(tensors: dict[str, torch.Tensor], present: torch.Tensor | np.
                    keys: list[str], multilabel: bool) -> dict:
     """The batch dict of DESIGN.md in its order: visual, audio, text (those in `tensors`; text as int64),
     present (bool [B, M]), label (int64 [B], or float32 [B, C] multi-hot), key."""
-    batch = {m: tensors[m] for m in ("visual", "audio", "text") if m in tensors}
+    batch = {m: tensors[m] for m in MODALITIES if m in tensors}
     if "text" in batch:
         batch["text"] = batch["text"].long()
     batch["present"] = torch.as_tensor(present).bool()

@@ -20,7 +20,7 @@ were no faster than 2), and `prefetch_queue_depth` 2 (1 cost the same CPU per sa
 
 Shuffling. DALI's `fn.readers.webdataset` reads its `paths` in the order given, each tar sequentially;
 `num_shards`/`shard_id` cut that concatenated sample list into contiguous parts, one per pipeline (the rule
-of `shards.samples.shard_range`); `stick_to_shard` keeps a pipeline on its own part instead of moving on
+of `shards.sample_refs.shard_range`); `stick_to_shard` keeps a pipeline on its own part instead of moving on
 to the next part each epoch; `pad_last_batch` repeats a part's last sample so that every pipeline returns
 the same number of batches. With `random_shuffle` it fills a buffer of `initial_fill` samples read in order
 and draws each output at random from it, refilling it as it goes: it "shuffles the data only locally", so
@@ -47,10 +47,10 @@ from nvidia.dali.pipeline import do_not_convert
 
 from shards.batches import EpochLoader, LoaderOptions, WorkerPart, assemble_batch
 from shards.features import DB_OFFSET, DB_SCALE, ModalityParams, modality_params
-from shards.format import NPY_HEADER_BYTES, DatasetInfo, frame_member
+from shards.format import MODALITIES, NPY_HEADER_BYTES, DatasetInfo, frame_member
+from shards.masks import DropSpec, key_uniform
 from shards.members import check_member
-from shards.samples import FrameSizeError, SampleRef
-from shards.scenarios import DropSpec, key_uniform
+from shards.sample_refs import FrameSizeError, SampleRef
 
 READER = "reader"
 FILL_SHARDS = 2  # the shuffle buffer holds this many shards' samples (the largest shard of the split) ...
@@ -222,7 +222,7 @@ def _keep_flags(modalities: list[str], train: bool, augment: DropSpec | None, ev
     else:
         flags = [True] * len(modalities)
     by_name = dict(zip(modalities, flags))
-    return {m: by_name.get(m, True) for m in ("visual", "audio", "text")}
+    return {m: by_name.get(m, True) for m in MODALITIES}
 
 
 @do_not_convert
@@ -280,7 +280,7 @@ class DaliLoader(EpochLoader):
         self._part: list[SampleRef] = []  # this worker's samples in the epoch's reader order (set per pipeline)
         self._sized: dict[str, SampleRef] = {}  # key -> ref of the part's samples with a recorded frame size
         self._params = modality_params(info, options.crop)
-        self._outputs = [m for m in ("visual", "audio", "text") if m in self.modalities]
+        self._outputs = [m for m in MODALITIES if m in self.modalities]
         self.initial_fill = shuffle_buffer(info, self._tars, batch_size, len(self._range))
         if eval_keep is None and not train:
             eval_keep = np.ones((len(refs), len(self.modalities)), dtype=bool)

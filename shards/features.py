@@ -184,10 +184,3 @@ def log_mel(audio: np.ndarray, p: AudioParams, filters: torch.Tensor | None = No
     db = mel.clamp_(min=10.0 ** (-p.db_cutoff / 10.0)).log10_().mul_(10.0)
     return db.add_(DB_OFFSET).div_(DB_SCALE).unsqueeze(0)
 
-
-def model_input_specs(info) -> dict[str, dict]:
-    """Extra encoder arguments read from dataset.json (`trainer.models.build_model(input_specs=...)`):
-    the text encoder's vocabulary size and sequence length."""
-    if "text" not in info.modalities:
-        return {}
-    return {"text": {"vocab_size": int(info.text["vocab_size"]), "max_len": int(info.text["max_len"])}}

@@ -28,7 +28,7 @@ import numpy as np
 
 FORMAT_VERSION = 1
 NPY_HEADER_BYTES = 128
-MODALITY_ORDER = ("visual", "audio", "text")
+MODALITIES = ("visual", "audio", "text")  # every modality name, in the order batches and dataset.json use
 _KEY_UNSAFE = re.compile(r"[^A-Za-z0-9_-]+")
 
 

@@ -15,8 +15,8 @@ import torch
 
 from shards.batches import LoaderOptions, WorkerPart
 from shards.format import read_dataset_info
-from shards.samples import split_samples
-from shards.scenarios import DropSpec, ScenarioError, parse_scenario, scenario_keep
+from shards.masks import DropSpec, ScenarioError, parse_scenario, scenario_keep
+from shards.sample_refs import split_samples
 
 
 def dali_available() -> bool:

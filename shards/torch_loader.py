@@ -31,10 +31,10 @@ from torch.utils.data import DataLoader, Dataset, Sampler, default_collate
 
 from shards.batches import EpochLoader, LoaderOptions, WorkerPart, assemble_batch
 from shards.features import ModalityParams, VisualParams, log_mel, mel_filters, modality_params
-from shards.format import NPY_HEADER_BYTES, DatasetInfo, frame_member, npy_payload
+from shards.format import MODALITIES, NPY_HEADER_BYTES, DatasetInfo, frame_member, npy_payload
+from shards.masks import DropSpec, augment_keep, key_uniform, resolve_present
 from shards.members import decode_audio_member
-from shards.samples import FrameSizeError, SampleRef
-from shards.scenarios import DropSpec, augment_keep, key_uniform, resolve_present
+from shards.sample_refs import FrameSizeError, SampleRef
 
 log = logging.getLogger(__name__)
 MAX_OPEN_SHARDS = 256  # tars a worker keeps open (least recently used closed first), well under `ulimit -n`
@@ -258,7 +258,7 @@ def collate(items: list[dict | None]) -> dict:
     batch: dict = {"skipped": len(items) - len(good)}
     if not good:
         return batch
-    tensors = {m: default_collate([it[m] for it in good]) for m in ("visual", "audio", "text") if m in good[0]}
+    tensors = {m: default_collate([it[m] for it in good]) for m in MODALITIES if m in good[0]}
     labels = np.stack([it["label"] for it in good])
     batch.update(assemble_batch(tensors, np.stack([it["present"] for it in good]), labels,
                                 [it["key"] for it in good], multilabel=labels.ndim == 2))

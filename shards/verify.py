@@ -14,7 +14,7 @@ from tqdm import tqdm
 
 from shards.format import DatasetInfo, FormatError, read_dataset_info, read_index
 from shards.members import check_member
-from shards.samples import FrameSizeError, recorded_frame_sizes
+from shards.sample_refs import FrameSizeError, recorded_frame_sizes
 from shards.writer import sha256_file
 
 

@@ -16,7 +16,7 @@ import pytest
 
 from shards.format import read_dataset_info
 from shards.loader import make_loader
-from shards.samples import split_samples
+from shards.sample_refs import split_samples
 
 ROOT = Path(__file__).resolve().parent.parent
 _spec = importlib.util.spec_from_file_location("bench_corpus", ROOT / "benchmarks" / "corpus.py")
@@ -58,8 +58,8 @@ def test_the_peer_loaders_decode_each_sample_once_into_the_loader_tensors(kineti
                                                                           monkeypatch: pytest.MonkeyPatch) -> None:
     peers = bench_module("peers", monkeypatch)
     from shards.features import AudioParams, VisualParams
-    from shards.samples import split_shards
-    from shards.scenarios import DropSpec
+    from shards.masks import DropSpec
+    from shards.sample_refs import split_shards
 
     src = kinetics_sound_built.path
     info = read_dataset_info(src)

@@ -30,7 +30,7 @@ from PIL import Image
 
 from pipeline.cli import main
 from shards.format import NPY_HEADER_BYTES, read_dataset_info, read_index, sanitize_key
-from shards.scenarios import key_uniform
+from shards.masks import key_uniform
 from tests.conftest import FIXTURE_BUILD_ARGS, BuiltDataset, RawCorpus
 
 SAFE_KEY = re.compile(r"[A-Za-z0-9_-]+")

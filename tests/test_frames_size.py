@@ -18,7 +18,7 @@ import pytest
 from pipeline.cli import main
 from shards.format import jpeg_size, read_dataset_info
 from shards.loader import dali_available, make_loader
-from shards.samples import SampleRef, split_samples
+from shards.sample_refs import SampleRef, split_samples
 from shards.verify import verify_dataset
 from shards.writer import sha256_file
 from tests.conftest import BuiltDataset

@@ -30,8 +30,8 @@ if str(ROOT) not in sys.path:  # `tests` has no __init__.py; make `tests.media` 
 from pipeline.build import BuildOptions, build_shards  # noqa: E402
 from shards.format import FormatError, read_dataset_info  # noqa: E402
 from shards.loader import dali_available, make_loader  # noqa: E402
-from shards.samples import shard_range, split_samples, training_steps  # noqa: E402
-from shards.scenarios import DropSpec, ScenarioError, parse_scenario, scenario_keep  # noqa: E402
+from shards.masks import DropSpec, ScenarioError, parse_scenario, scenario_keep  # noqa: E402
+from shards.sample_refs import shard_range, split_samples, training_steps  # noqa: E402
 from tests.media import ffmpeg_clip  # noqa: E402
 
 N_CLIPS = 14

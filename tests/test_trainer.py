@@ -193,7 +193,7 @@ def test_ray_job_submit_runs_launch_on_a_cluster(digits: Path, tmp_path: Path) -
     info = start_cluster(1, 2, state, head_cpus=1, port=0, dashboard_port=0)
     try:
         storage = tmp_path / "runs"
-        cmd = ["ray", "job", "submit", "--working-dir", str(ROOT), "--", "python", "trainer/launch.py",
+        cmd = ["ray", "job", "submit", "--working-dir", str(ROOT), "--", "python", "-m", "trainer.launch",
                "--config", "trainer/configs/av_digits.toml", "--stages", "unimodal",
                *overrides(digits, storage, **{"train.epochs": 1})]
         env = info.cli_env()

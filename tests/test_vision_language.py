@@ -28,7 +28,7 @@ from pipeline.cli import main as pipeline_main  # noqa: E402
 from pipeline.text import decode_text, words  # noqa: E402
 from shards.format import read_dataset_info  # noqa: E402
 from shards.loader import dali_available, make_loader  # noqa: E402
-from shards.samples import split_samples  # noqa: E402
+from shards.sample_refs import split_samples  # noqa: E402
 from shards.verify import verify_dataset  # noqa: E402
 from tests.media import FOOD_CLASSES, av_mnist_corpus, food101_corpus, mm_imdb_corpus  # noqa: E402
 
@@ -242,7 +242,7 @@ def test_dali_and_torch_agree_on_text_spectrograms_and_masks(name: str, scenario
 
 @pytest.mark.parametrize("backend", BACKENDS)
 def test_training_augmentation_drops_text_or_image_but_never_both(backend: str, built: dict[str, Built]) -> None:
-    from shards.scenarios import DropSpec
+    from shards.masks import DropSpec
 
     b = built["mm_imdb"]
     spec = DropSpec("drop_one", {"full": 0.2, "visual": 0.4, "text": 0.4})
@@ -354,7 +354,7 @@ def test_a_local_hugging_face_tokenizer_replaces_the_default(tmp_path: Path) -> 
 def test_the_gpu_pipeline_graph_is_well_formed_for_text_and_spectrograms(name: str, built: dict[str, Built]) -> None:
     """The device="gpu" graph of the text and stored-spectrogram datasets, defined without a GPU: frames
     and spectrograms go to the GPU, token ids stay on the CPU (the trainer moves them)."""
-    from shards.scenarios import DropSpec
+    from shards.masks import DropSpec
 
     b = built[name]
     loader = make_loader(b.path, "train", 4, backend="dali", device="gpu", train=True, num_workers=1, device_id=0,

@@ -21,7 +21,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
 
-MODALITIES = ("visual", "audio", "text")
+from shards.format import MODALITIES
+
 SCENARIO_KINDS = ("full", "missing", "rate")
 AUTO = "auto"
 RESUME_MODES = ("same", "extend")

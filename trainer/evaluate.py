@@ -4,7 +4,7 @@ Methods (METHOD.md): the uni-modal models (each UME branch alone), joint late fu
 with modality dropout, UME and UME-MMA; below them one classical baseline per modality (`trainer.baselines`,
 fitted on the train split). One pass decodes the test split with its natural missingness and caches every
 model's per-modality features and the baselines' inputs; each scenario then only changes the `present`
-mask (`shards.scenarios.scenario_keep`, a hash of key and seed) before the heads and fusion. Encoders see
+mask (`shards.masks.scenario_keep`, a hash of key and seed) before the heads and fusion. Encoders see
 one sample at a time in evaluation mode, so this equals decoding the split once per scenario, and every
 method is scored on exactly the same samples."""
 from __future__ import annotations
@@ -18,14 +18,13 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
-from shards.features import model_input_specs
 from shards.format import read_dataset_info
 from shards.loader import make_loader
-from shards.scenarios import parse_scenario, scenario_keep
+from shards.masks import parse_scenario, scenario_keep
 from trainer.baselines import DESCRIPTIONS, baseline_name, fit_baselines, summarize
 from trainer.checkpoint import load_state, load_weights
 from trainer.config import Config
-from trainer.models import LateFusion, build_model
+from trainer.models import LateFusion, model_for_dataset
 
 log = logging.getLogger(__name__)
 
@@ -91,7 +90,7 @@ def evaluate(config: Config, methods: list[Method], device: torch.device | None 
     models: dict[str, LateFusion] = {}
     for method in methods:
         if method.checkpoint not in models:
-            model = build_model(config.model, info.modalities, info.num_classes, input_specs=model_input_specs(info))
+            model = model_for_dataset(config.model, info)
             load_weights(model, load_state(method.checkpoint), method.checkpoint)
             models[method.checkpoint] = model.to(device).eval()
     loader = make_loader(config.data.dataset_dir, config.eval.split, config.data.batch_size,

@@ -1,7 +1,8 @@
 """Run the whole recipe on Ray: unimodal (UME) -> mma (UME-MMA) -> baselines -> eval -> results.
 
-    python trainer/launch.py --config trainer/configs/av_digits.toml            # starts a local Ray
-    ray job submit --working-dir . -- python trainer/launch.py --config ...     # joins RAY_ADDRESS
+    python -m trainer.launch --config trainer/configs/av_digits.toml            # starts a local Ray
+    python trainer/launch.py --config ...                                        # the same, once installed
+    ray job submit --working-dir . -- python -m trainer.launch --config ...     # joins RAY_ADDRESS
 
 Each training stage is a Ray Train `TorchTrainer` run named `<run_name>-<stage>` under
 `ray.storage_path`; rerunning the same command resumes every stage from its last checkpoint and skips
@@ -25,15 +26,11 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-if __package__ in (None, ""):  # `python trainer/launch.py` from the repository root or a job's working dir
-    sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-
-from shards.features import model_input_specs  # noqa: E402
-from shards.format import FormatError, read_dataset_info  # noqa: E402
-from shards.scenarios import ScenarioError  # noqa: E402
-from trainer.checkpoint import CheckpointMismatch, load_state  # noqa: E402
-from trainer.config import Config, ConfigError, load_config  # noqa: E402
-from trainer.resources import cluster_view, ensure_fits, has_auto, resolve_auto  # noqa: E402
+from shards.format import FormatError, read_dataset_info
+from shards.masks import ScenarioError
+from trainer.checkpoint import CheckpointMismatch, load_state
+from trainer.config import Config, ConfigError, load_config
+from trainer.resources import cluster_view, ensure_fits, has_auto, resolve_auto
 
 log = logging.getLogger("trainer.launch")
 TRAIN_STAGES = ("unimodal", "joint", "joint_dropout", "mma")
@@ -217,10 +214,10 @@ def supersede(run_dir: Path) -> Path:
 def check_fits(config: Config, checkpoint: Path) -> None:
     """Fail fast, in the driver, when a checkpoint cannot initialise this config's model."""
     from trainer.checkpoint import load_weights
-    from trainer.models import build_model
+    from trainer.models import model_for_dataset
 
     info = read_dataset_info(config.data.dataset_dir)
-    model = build_model(config.model, info.modalities, info.num_classes, input_specs=model_input_specs(info))
+    model = model_for_dataset(config.model, info)
     load_weights(model, load_state(checkpoint), str(checkpoint))
 
 
@@ -348,9 +345,9 @@ def main(argv: list[str] | None = None) -> int:
                                   f"{config.ray.num_workers} workers; every worker needs at least one "
                                   f"(lower ray.num_workers or build the split)")
         try:  # unknown encoder names, unreadable pretrained files: fail before any Ray work
-            from trainer.models import build_model
+            from trainer.models import model_for_dataset
 
-            build_model(config.model, info.modalities, info.num_classes, input_specs=model_input_specs(info))
+            model_for_dataset(config.model, info)
         except (ValueError, OSError) as exc:
             raise ConfigError(f"{args.config}: [model] {exc}") from exc
         if config.mma.scheme in ("drop_one", "independent"):

@@ -348,3 +348,16 @@ def build_model(
         if cfg_model.pretrained.get(m):
             load_pretrained(encoders[m], cfg_model.pretrained[m])
     return LateFusion(modalities, encoders, num_classes, fusion=cfg_model.fusion)
+
+
+def model_input_specs(info) -> dict[str, dict]:
+    """Extra encoder arguments read from dataset.json (`trainer.models.build_model(input_specs=...)`):
+    the text encoder's vocabulary size and sequence length."""
+    if "text" not in info.modalities:
+        return {}
+    return {"text": {"vocab_size": int(info.text["vocab_size"]), "max_len": int(info.text["max_len"])}}
+
+
+def model_for_dataset(model_config, info) -> LateFusion:
+    """The late-fusion model of `[model]` for the dataset whose dataset.json `info` describes."""
+    return build_model(model_config, info.modalities, info.num_classes, input_specs=model_input_specs(info))

@@ -21,13 +21,12 @@ import torch
 import torch.distributed as dist
 import torch.nn.functional as F
 
-from shards.features import model_input_specs
 from shards.format import read_dataset_info
 from shards.loader import make_loader
-from shards.scenarios import DropSpec, drop_one_uniform
+from shards.masks import DropSpec, drop_one_uniform
 from trainer.checkpoint import load_loader_state, load_state, load_weights, save_loader_state, save_state, unwrap
 from trainer.config import Config, config_from_dict
-from trainer.models import LateFusion, build_model
+from trainer.models import LateFusion, model_for_dataset
 
 log = logging.getLogger(__name__)
 STAGES = ("unimodal", "mma", "joint", "joint_dropout")
@@ -114,7 +113,7 @@ def _correct(logits: torch.Tensor, label: torch.Tensor, multilabel: bool) -> tor
 
 def make_model(config: Config, info) -> LateFusion:
     torch.manual_seed(config.train.seed)  # identical initial weights on every worker
-    return build_model(config.model, info.modalities, info.num_classes, input_specs=model_input_specs(info))
+    return model_for_dataset(config.model, info)
 
 
 def train_loop_per_worker(loop_config: dict) -> None:

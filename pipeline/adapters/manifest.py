@@ -45,7 +45,7 @@ from pipeline.adapters.vision_language import image_visual_info, no_audio_info
 from pipeline.options import BuildOptions
 from pipeline.text import decode_text
 from shards.format import sanitize_key
-from shards.scenarios import key_uniform
+from shards.masks import key_uniform
 
 MANIFEST_NAMES = ("manifest.csv", "manifest.jsonl", "manifest.parquet")
 MEDIA_COLUMNS = ("video", "audio", "image", "text_file")

@@ -32,7 +32,7 @@ from pipeline.encode import encode_frame, encode_image_file, encode_text
 from pipeline.options import BuildContext, BuildOptions
 from pipeline.text import load_tokenizer
 from shards.format import frame_member, sanitize_key
-from shards.scenarios import key_uniform
+from shards.masks import key_uniform
 
 IMAGENET = {"mean": [0.485, 0.456, 0.406], "std": [0.229, 0.224, 0.225]}
 

@@ -27,7 +27,7 @@ from pipeline.encode import encode_image_file, encode_text
 from pipeline.options import BuildContext, BuildOptions
 from pipeline.text import decode_text, load_tokenizer
 from shards.format import frame_member, sanitize_key
-from shards.scenarios import key_uniform
+from shards.masks import key_uniform
 
 
 def encode_image_text(sample: Sample, src: Path, opts: BuildOptions, ctx: BuildContext,
