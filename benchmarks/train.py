@@ -9,10 +9,11 @@ Two measurements on the same shards, in one run:
   Median over `--repeats`; scaling efficiency = N-worker samples/s / (N x 1-worker samples/s).
 - `step`: in this process, on one device, the config's model (`trainer.train.make_model`) and optimizer
   fed by `shards.loader.make_loader`, timing (a) the loader alone, batches moved to the device: the
-  supply; (b) the training step alone on one batch kept on the device: the consumption; (c) both as the
-  trainer runs them (`loss.item()` every step): samples/s and the fraction of wall time spent waiting for
-  the next batch, the data stall. On a GPU the step runs under bf16 autocast, as trainer/train.py does
-  with `train.amp = "bf16"` (`--amp`).
+  supply; (b) the training step alone (`trainer.train.train_step`) on one batch kept on the device: the
+  consumption, and the same with a `loss.item()` host sync after every step as the trainer's loop had
+  before it kept the loss on the device; (c) both as the trainer runs them: samples/s and the fraction
+  of wall time spent waiting for the next batch, the data stall. On a GPU the step runs under bf16
+  autocast, as trainer/train.py does with `train.amp = "bf16"` (`--amp`).
 
 Shards: `--shards OUT/<dataset>` (built), else `--src RAW` (a kinetics_sound raw corpus), else a
 Kinetics-shaped corpus generated with benchmarks/corpus.py; both are built into --out/shards. Writes
@@ -49,8 +50,9 @@ from shards.format import read_dataset_info
 from shards.loader import make_loader
 from trainer.config import Config, load_config
 from trainer.launch import absolute, run_stage
+from trainer.recipe import STAGES
 from trainer.resources import AUTO_MAX_CPUS_PER_WORKER
-from trainer.train import build_optimizer, make_model, stage_loss, to_device
+from trainer.train import build_optimizer, make_model, to_device, train_step
 
 log = logging.getLogger("benchmarks.train")
 ROOT = Path(__file__).resolve().parent.parent
@@ -145,25 +147,20 @@ def step_benchmark(config: Config, device: torch.device, amp: bool, batches: int
                          crop=config.data.crop_size, min_crop_area=config.data.min_crop_area, flip=config.data.flip,
                          num_workers=config.data.num_workers, device_id=device.index if gpu else None)
     model = make_model(config, info).to(device)
-    optimizer, _, _ = build_optimizer(config, STAGE, model)
+    optimizer, _, _ = build_optimizer(config, STAGES[STAGE], model)
     model.train()
     torch.set_num_threads(max(1, int(config.ray.cpus_per_worker)))  # as one Ray worker: oversubscribed OpenMP crawls
     torch.backends.cudnn.benchmark = True
 
-    def step(batch: dict) -> float:
-        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=amp):
-            out = model(batch)
-            loss = stage_loss(STAGE, out, batch, info.modalities, info.multilabel)
-        optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        optimizer.step()
-        return loss.item()  # a sync per step, as trainer/train.py does
+    def step(batch: dict) -> torch.Tensor:  # the trainer's step: the loss stays on the device
+        return train_step(model, batch, optimizer, STAGES[STAGE], info, amp)
 
     stream = endless(loader)
     resident = to_device(next(stream), device)
     for _ in range(warmup):  # cudnn autotuning, DALI start-up, allocator growth
         step(to_device(next(stream), device))
-    runs: dict[str, list[float]] = {"supply": [], "consumption": [], "loop": [], "stall": []}
+    runs: dict[str, list[float]] = {"supply": [], "consumption": [], "consumption_synced": [], "loop": [],
+                                    "stall": []}
     for _ in range(repeats):
         started = time.perf_counter()
         for _ in range(batches):
@@ -174,7 +171,13 @@ def step_benchmark(config: Config, device: torch.device, amp: bool, batches: int
         started = time.perf_counter()
         for _ in range(batches):
             step(resident)
+        sync(device)
         runs["consumption"].append(batches * bs / (time.perf_counter() - started))
+
+        started = time.perf_counter()
+        for _ in range(batches):
+            step(resident).item()  # a host sync per step, as the trainer's loop did before it summed on the device
+        runs["consumption_synced"].append(batches * bs / (time.perf_counter() - started))
 
         wait = 0.0
         started = tick = time.perf_counter()
@@ -192,6 +195,7 @@ def step_benchmark(config: Config, device: torch.device, amp: bool, batches: int
             "batch_size": bs, "batches_per_repeat": batches, "warmup_batches": warmup,
             "supply_samples_per_s": round(median["supply"], 2),
             "consumption_samples_per_s": round(median["consumption"], 2),
+            "consumption_synced_samples_per_s": round(median["consumption_synced"], 2),
             "step_ms": round(1000 * bs / median["consumption"], 2),
             "loop_samples_per_s": round(median["loop"], 2), "data_stall_fraction": round(median["stall"], 4),
             "supply_over_consumption": round(median["supply"] / median["consumption"], 3),

@@ -85,7 +85,7 @@ def test_unknown_section_or_override_key_is_an_error():
 
 
 def test_wrong_type_names_the_key_and_the_expected_type(tmp_path):
-    with pytest.raises(ConfigError, match=r"run\.toml: train\.epochs must be int, got str 'ten'"):
+    with pytest.raises(ConfigError, match=r"run\.toml: train\.epochs must be int or 'auto', got str 'ten'"):
         load_config(write(tmp_path, '[train]\nepochs = "ten"\n'))
     with pytest.raises(ConfigError, match=r"data\.batch_size must be int, got float"):
         load_config(CONFIGS / "av_digits.toml", ["data.batch_size=64.5"])
@@ -103,7 +103,9 @@ def test_wrong_type_names_the_key_and_the_expected_type(tmp_path):
         ("mma.scheme=drop-one", r"mma\.scheme = 'drop-one' is not allowed; did you mean 'drop_one'\?"),
         ("train.optimizer=adam", r"train\.optimizer = 'adam' is not allowed; did you mean 'adamw'\?"),
         ("mma.drop_probs.full=0.5", r"mma\.drop_probs = .*summing to 1"),
-        ("train.modality_dropout=1.0", r"train\.modality_dropout = 1\.0; it must be in \[0, 1\)"),
+        ("joint_dropout.rate=1.0", r"joint_dropout\.rate = 1\.0; it must be in \[0, 1\)"),
+        ("unimodal.epochs=soon", r"unimodal\.epochs must be int or .auto., got str .soon.; fix"),
+        ("unimodal.patience=0", r"unimodal\.patience = 0; it must be >= 1"),
         ("eval.scenarios=['full', 'missing:audio']", r"eval\.scenarios = 'missing:audio' is not allowed"),
     ],
 )
@@ -179,3 +181,27 @@ def test_scenario_names_expand_kinds_per_modality():
         "rate:audio=0.1",
         "rate:audio=0.5",
     ]
+
+
+def test_a_moved_key_says_how_to_write_it_now(tmp_path):
+    """[train] modality_dropout became [joint_dropout] rate: an old config fails with one line saying so."""
+    old = (CONFIGS / "av_digits.toml").read_text().replace("[train]\n", "[train]\nmodality_dropout = 0.3\n", 1)
+    (tmp_path / "old.toml").write_text(old)
+    with pytest.raises(ConfigError, match=r"old\.toml: train\.modality_dropout has moved; write it as "
+                                          r"\[joint_dropout\] rate = 0\.3 \(or --set joint_dropout\.rate=\.\.\.\)"):
+        load_config(tmp_path / "old.toml")
+    with pytest.raises(ConfigError, match=r"train\.modality_dropout has moved; write it as \[joint_dropout\] rate"):
+        load_config(CONFIGS / "av_digits.toml", ["train.modality_dropout=0.2"])
+
+
+def test_stage_tables_inherit_the_train_schedule():
+    from trainer import recipe
+
+    config = load_config(CONFIGS / "av_digits.toml", ["train.epochs=7", "joint.epochs=2", "joint.lr=0.01",
+                                                       "unimodal.epochs=auto", "unimodal.max_epochs=9"])
+    unimodal, joint, mma = (recipe.schedule(config, recipe.STAGES[s]) for s in ("unimodal", "joint", "mma"))
+    assert (unimodal.auto, unimodal.limit, unimodal.patience, unimodal.lr) == (True, 9, 3, config.train.lr)
+    assert (joint.epochs, joint.lr, joint.lr_milestones) == (2, 0.01, ())  # milestone 4 lies past its 2 epochs
+    assert recipe.schedule(config, recipe.STAGES["joint_dropout"]).epochs == 7
+    assert (mma.epochs, mma.lr, mma.lr_milestones) == (config.mma.epochs, config.mma.lr, ())  # [mma]'s own
+    assert [s.name for s in recipe.plan(["mma"])] == ["unimodal", "mma"]

@@ -24,7 +24,7 @@ from shards.format import read_dataset_info  # noqa: E402
 from shards.loader import make_loader  # noqa: E402
 from trainer.checkpoint import load_state  # noqa: E402
 from trainer.config import ConfigError, load_config  # noqa: E402
-from trainer.launch import absolute, check_same_run, run_stage, stage_config  # noqa: E402
+from trainer.launch import absolute, check_same_run, run_stage  # noqa: E402
 from trainer.launch import main as launch_main  # noqa: E402
 from trainer.models import build_model  # noqa: E402
 
@@ -229,7 +229,7 @@ def _fake_checkpoint(run_dir: Path, config, stage: str, epoch: int, init: dict |
     ckpt = run_dir / f"checkpoint_2026-01-01_00-00-{epoch:02d}.000000"
     ckpt.mkdir(parents=True)
     torch.save({"model": {}, "epoch": epoch, "stage": stage, "metrics": {}, "init": init,
-                "config": dataclasses.asdict(stage_config(config, stage))}, ckpt / "state.pt")
+                "config": dataclasses.asdict(config)}, ckpt / "state.pt")
     return ckpt
 
 
@@ -247,25 +247,26 @@ def test_rerun_with_other_settings_is_refused_listing_them_and_the_ways_out(digi
                         "--stages", "unimodal"]) == 2
     err = capsys.readouterr().err
     assert err.count("\n") == 1 and err.startswith("error: stage unimodal in "), err
-    assert "(train.optimizer: 'adamw' -> 'sgd', train.lr: 0.001 -> 0.01)" in err
+    assert "(train.optimizer: 'adamw' -> 'sgd', unimodal.lr: 0.001 -> 0.01)" in err
     assert "a new --set ray.run_name=..." in err and "ray.resume=extend only lets the epochs grow" in err
 
     unimodal = tmp_path / "av_digits-unimodal"
-    with pytest.raises(ConfigError, match=r"\(train\.epochs: 2 -> 3\); .*since only the epochs grew, "
+    with pytest.raises(ConfigError, match=r"\(unimodal\.epochs: 2 -> 3\); .*since only the epochs grew, "
                                           r"--set ray\.resume=extend to train it on"):
         check_same_run(cfg("train.epochs=3"), "unimodal", unimodal)
     assert check_same_run(cfg("train.epochs=3", "ray.resume=extend"), "unimodal", unimodal) is False
-    for other, diff in (("train.epochs=1", r"train\.epochs: 2 -> 1"),
-                        ("train.lr_milestones=[1]", r"train\.lr_milestones: \[4\] -> \[1\]"),
+    for other, diff in (("train.epochs=1", r"unimodal\.epochs: 2 -> 1"),
+                        ("unimodal.lr_milestones=[1]", r"unimodal\.lr_milestones: \[4\] -> \[1\]"),
                         ("data.batch_size=8", r"data\.batch_size: 64 -> 8")):
         with pytest.raises(ConfigError, match=diff):  # extend lets the epochs grow, nothing else
             check_same_run(cfg(other, "ray.resume=extend"), "unimodal", unimodal)
-    # how it runs may change; joint is trained without modality dropout whatever [train] says
+    # how it runs may change; joint is trained without modality dropout whatever [joint_dropout] says
     how = cfg("data.backend=torch", "data.num_workers=0", "ray.num_workers=2", "ray.cpus_per_worker=1",
               "train.amp=bf16", "eval.rates=[0.5]")
-    assert check_same_run(stage_config(how, "joint"), "joint", tmp_path / "av_digits-joint") is False
-    with pytest.raises(ConfigError, match=r"train\.modality_dropout: 0\.5 -> 0\.2"):
-        check_same_run(cfg("train.modality_dropout=0.2"), "joint_dropout", tmp_path / "av_digits-joint_dropout")
+    assert check_same_run(how, "joint", tmp_path / "av_digits-joint") is False
+    assert check_same_run(cfg("joint_dropout.rate=0.2"), "joint", tmp_path / "av_digits-joint") is False
+    with pytest.raises(ConfigError, match=r"joint_dropout\.rate: 0\.5 -> 0\.2"):
+        check_same_run(cfg("joint_dropout.rate=0.2"), "joint_dropout", tmp_path / "av_digits-joint_dropout")
 
     # mma records the UME checkpoint it started from: a changed one is refused, or retrained with extend
     ume = {"checkpoint": "checkpoint_a", "epoch": 2}
@@ -414,6 +415,34 @@ def test_extend_retrains_mma_from_the_longer_ume_and_refuses_it_without(digits: 
     assert run_stage(cfg("train.epochs=2"), "mma", longer, storage) == mma  # consistent now: skipped
 
 
+def test_auto_epochs_keep_each_branch_at_its_best_validation_epoch(digits: Path, tmp_path: Path,
+                                                                 fake_ray_train: FakeRayTrain,
+                                                                 monkeypatch: pytest.MonkeyPatch) -> None:
+    """`unimodal.epochs = "auto"`: the stage stops once no branch improved for `patience` epochs (or at
+    max_epochs), and its final checkpoint holds each branch's weights from that branch's best epoch."""
+    import trainer.launch
+
+    monkeypatch.setattr(trainer.launch, "ensure_fits", lambda *args, **kwargs: None)  # no cluster here
+    storage = tmp_path / "runs"
+    (storage / "av_digits").mkdir(parents=True)
+    config = absolute(load_config(CONFIG, [f"data.dataset_dir={digits}", f"ray.storage_path={storage}", *SMALL,
+                                           "unimodal.epochs=auto", "unimodal.max_epochs=4", "unimodal.patience=1"]))
+    final = run_stage(config, "unimodal", None, storage)
+    rows = metrics_rows(storage, "av_digits")
+    state = load_state(final)
+    kept = state["metrics"]["kept_epochs"]
+    assert state["metrics"]["finished"] is True and set(kept) == {"visual", "audio"}
+    for m, epoch in kept.items():  # the first epoch with the branch's best validation metric
+        values = [r[f"val_acc_{m}_branch"] for r in rows]
+        assert epoch == 1 + values.index(max(values))
+    assert len(rows) == 4 or all(len(rows) - e >= 1 for e in kept.values())  # max_epochs, or every branch stale
+    for m, epoch in kept.items():
+        at_best = load_state(fake_ray_train.run_dir / f"checkpoint_{epoch:06d}")["model"]
+        for key in (k for k in at_best if k.startswith((f"encoders.{m}.", f"heads.{m}."))):
+            assert torch.equal(state["model"][key], at_best[key]), key
+    assert run_stage(config, "unimodal", None, storage) == final  # finished early: a rerun skips it
+
+
 def test_ctrl_c_is_one_line_naming_what_finished_and_exit_130(digits: Path, tmp_path: Path,
                                                              monkeypatch: pytest.MonkeyPatch,
                                                              capsys: pytest.CaptureFixture) -> None:
@@ -486,7 +515,7 @@ def test_ctrl_c_stops_training_in_seconds_and_the_rerun_resumes(digits: Path, tm
                                              f"data.dataset_dir={digits}", f"ray.storage_path={storage}",
                                              "data.num_workers=1", "ray.cpus_per_worker=1", *more]))
 
-    with pytest.raises(ConfigError, match=r"train\.epochs: 2 -> 3\); .*--set ray\.resume=extend"):
+    with pytest.raises(ConfigError, match=r"unimodal\.epochs: 2 -> 3\); .*--set ray\.resume=extend"):
         run_stage(cfg("train.epochs=3"), "unimodal", None, storage)
     ume = run_stage(cfg("train.epochs=3", "ray.resume=extend"), "unimodal", None, storage)
     assert load_state(ume)["epoch"] == 3

@@ -273,21 +273,23 @@ def _config(path: Path, name: str, tmp_path: Path):
 @pytest.mark.parametrize("name", list(MAKERS))
 def test_short_training_then_eval_with_missing_text_and_missing_image(name: str, built: dict[str, Built],
                                                                       tmp_path: Path) -> None:
+    from trainer import recipe
     from trainer.checkpoint import save_state
     from trainer.evaluate import Method, evaluate
-    from trainer.train import build_optimizer, make_model, stage_loss, validate
+    from trainer.train import build_optimizer, make_model, validate
 
     b = built[name]
     info = read_dataset_info(b.path)
     config = _config(b.path, name, tmp_path)
     model = make_model(config, info)
-    optimizer, scheduler, epochs = build_optimizer(config, "unimodal", model)
+    optimizer, scheduler, plan = build_optimizer(config, recipe.STAGES["unimodal"], model)
+    epochs = plan.limit
     loader = make_loader(b.path, "train", 4, train=True, crop=config.data.crop_size, num_workers=1)
     losses = []
     for epoch in range(epochs):
         loader.set_epoch(epoch)
         for batch in loader:
-            loss = stage_loss("unimodal", model(batch), batch, info.modalities, info.multilabel)
+            loss = recipe.loss(recipe.STAGES["unimodal"], model(batch), batch, info.modalities, info.multilabel)
             optimizer.zero_grad()
             loss.backward()
             optimizer.step()

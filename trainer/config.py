@@ -59,9 +59,12 @@ class ModelConfig:
 
 @dataclass
 class TrainConfig:
-    """``[train]``: the from-scratch stages (unimodal/UME and the joint baselines)."""
+    """``[train]``: what every stage shares (optimizer, seed, precision) and the schedule of the stages
+    trained from scratch (``unimodal``, ``joint``, ``joint_dropout``) where their own tables leave it out."""
 
-    epochs: int = 100
+    epochs: int | Literal["auto"] = 100  # "auto": early stopping on validation, up to max_epochs (trainer/recipe.py)
+    max_epochs: int = 50  # the most epochs an "auto" stage trains
+    patience: int = 3  # "auto": stop after this many epochs without a better validation metric
     optimizer: str = "sgd"  # "sgd" | "adamw"
     lr: float = 1e-3
     momentum: float = 0.9  # SGD only
@@ -69,19 +72,39 @@ class TrainConfig:
     lr_milestones: list[int] = field(default_factory=lambda: [70])  # epochs where lr *= lr_gamma
     lr_gamma: float = 0.1
     seed: int = 0
-    modality_dropout: float = 0.0  # joint-dropout baseline: per-sample, per-modality drop probability
     amp: str = "none"  # "none" | "bf16": forward and loss under torch.autocast in bfloat16 (GPU training)
 
 
 @dataclass
-class MMAConfig:
+class StageConfig:
+    """``[unimodal]``, ``[joint]``: one stage's schedule; a key left out takes ``[train]``'s value."""
+
+    epochs: int | Literal["auto"] | None = None
+    max_epochs: int | None = None
+    patience: int | None = None
+    lr: float | None = None
+    lr_milestones: list[int] | None = None
+    lr_gamma: float | None = None
+
+
+@dataclass
+class JointDropoutConfig(StageConfig):
+    """``[joint_dropout]``: the joint baseline with per-sample, per-modality dropout of probability ``rate``."""
+
+    rate: float = 0.5
+
+
+@dataclass
+class MMAConfig(StageConfig):
     """``[mma]``: missing-modality adaptation, fine-tuning from the UME checkpoint (METHOD.md step 3).
 
-    The optimizer, momentum and weight decay are those of ``[train]``; only epochs and lr differ.
+    Its schedule defaults are its own (a short fine-tune without lr steps), not ``[train]``'s; the
+    optimizer, momentum and weight decay are ``[train]``'s.
     """
 
-    epochs: int = 20
-    lr: float = 1e-3
+    epochs: int | Literal["auto"] | None = 20
+    lr: float | None = 1e-3
+    lr_milestones: list[int] | None = field(default_factory=list)
     scheme: str = "drop_one"  # "drop_one" | "independent"
     # drop_one: probability of keeping all ("full") or dropping exactly that modality; sums to 1; {} = full
     # and each of the dataset's modalities with equal probability (METHOD.md's default, any modality set).
@@ -137,7 +160,10 @@ class Config:
     data: DataConfig
     model: ModelConfig = field(default_factory=ModelConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
+    unimodal: StageConfig = field(default_factory=StageConfig)
     mma: MMAConfig = field(default_factory=MMAConfig)
+    joint: StageConfig = field(default_factory=StageConfig)
+    joint_dropout: JointDropoutConfig = field(default_factory=JointDropoutConfig)
     ray: RayConfig = field(default_factory=RayConfig)
     eval: EvalConfig = field(default_factory=EvalConfig)
 
@@ -162,6 +188,7 @@ def load_config(path: str | Path, overrides: list[str] | None = None) -> Config:
 
 def config_from_dict(raw: dict[str, Any], source: str = "<dict>") -> Config:
     """Build a validated :class:`Config` from nested dicts (a parsed TOML file or a stored ``asdict``)."""
+    _check_moved(raw, source)
     _check_names(raw, SECTIONS, source, "section", "")
     sections = {name: _build_section(SECTIONS[name], raw.get(name, {}), name, source) for name in SECTIONS}
     config = Config(**sections)
@@ -176,6 +203,7 @@ def _apply_override(raw: dict[str, Any], override: str, source: str) -> None:
     parts = dotted.strip().split(".")
     if not sep or len(parts) < 2 or not all(parts):
         raise ConfigError(f"{where}: expected section.key=value, e.g. train.lr=0.01")
+    _check_moved({parts[0]: {parts[1]: text.strip()}}, where)
     _check_names({parts[0]: None}, SECTIONS, where, "section", "")
     section_type = SECTIONS[parts[0]]
     fields = {f.name: typing.get_type_hints(section_type)[f.name] for f in dataclasses.fields(section_type)}
@@ -277,8 +305,38 @@ def _type_name(expected: Any) -> str:
     if origin is Literal:
         return " or ".join(repr(v) for v in typing.get_args(expected))
     if origin in (typing.Union, types.UnionType):
-        return " or ".join(_type_name(option) for option in typing.get_args(expected))
+        return " or ".join(_type_name(option) for option in typing.get_args(expected) if option is not type(None))
     return getattr(expected, "__name__", str(expected))
+
+
+STAGE_TABLES = ("unimodal", "mma", "joint", "joint_dropout")  # the stages of trainer/recipe.py, one table each
+# Keys that moved: old key -> (section, key) now; a config that still has one gets a line saying how to rewrite it.
+MOVED = {"train.modality_dropout": ("joint_dropout", "rate")}
+
+
+def _validate_schedule(table: Any, name: str, require) -> None:
+    """The schedule keys of [train] or a stage table (None: taken from [train])."""
+    if table.epochs is not None and table.epochs != AUTO:
+        require(table.epochs >= 0, f"{name}.epochs", table.epochs, '>= 0 or "auto"')
+    for key in ("max_epochs", "patience"):
+        value = getattr(table, key)
+        require(value is None or value >= 1, f"{name}.{key}", value, ">= 1")
+    for key in ("lr", "lr_gamma"):
+        value = getattr(table, key)
+        require(value is None or value > 0, f"{name}.{key}", value, "> 0")
+    milestones = table.lr_milestones
+    require(milestones is None or (milestones == sorted(set(milestones)) and all(m > 0 for m in milestones)),
+            f"{name}.lr_milestones", milestones, "strictly increasing positive epochs")
+
+
+def _check_moved(raw: dict[str, Any], source: str) -> None:
+    """A key of an older version's config: one line saying how to write it now."""
+    for old, (section, key) in MOVED.items():
+        old_section, old_key = old.split(".")
+        table = raw.get(old_section)
+        if isinstance(table, dict) and old_key in table:
+            raise ConfigError(f"{source}: {old} has moved; write it as [{section}] {key} = {table[old_key]!r} "
+                              f"(or --set {section}.{key}=...)")
 
 
 def _validate(config: Config, source: str) -> None:
@@ -312,23 +370,15 @@ def _validate(config: Config, source: str) -> None:
 
     choose("train.optimizer", train.optimizer, ("sgd", "adamw"))
     choose("train.amp", train.amp, ("none", "bf16"))
-    for key, value in (("train.epochs", train.epochs), ("mma.epochs", mma.epochs)):
-        require(value >= 0, key, value, ">= 0")
-    for key, value in (("train.lr", train.lr), ("mma.lr", mma.lr), ("train.lr_gamma", train.lr_gamma)):
-        require(value > 0, key, value, "> 0")
     require(
         train.momentum >= 0 and train.weight_decay >= 0,
         "train.momentum/weight_decay",
         (train.momentum, train.weight_decay),
         ">= 0",
     )
-    require(
-        train.lr_milestones == sorted(set(train.lr_milestones)) and all(m > 0 for m in train.lr_milestones),
-        "train.lr_milestones",
-        train.lr_milestones,
-        "strictly increasing positive epochs",
-    )
-    require(0 <= train.modality_dropout < 1, "train.modality_dropout", train.modality_dropout, "in [0, 1)")
+    for name in ("train", *STAGE_TABLES):
+        _validate_schedule(getattr(config, name), name, require)
+    require(0 <= config.joint_dropout.rate < 1, "joint_dropout.rate", config.joint_dropout.rate, "in [0, 1)")
 
     choose("mma.scheme", mma.scheme, ("drop_one", "independent"))
     outcomes = ("full", *MODALITIES) if mma.scheme == "drop_one" else MODALITIES

@@ -236,11 +236,3 @@ def _ume_mma_claims(results: dict) -> list[str]:
                  f"{'yes' if mma >= ume - 1 else 'no'})")
     return lines
 
-
-def val_choice(unimodal_metrics: dict, mma_metrics: dict) -> tuple[str, str]:
-    """METHOD.md step 4: keep UME unless UME-MMA beats it on full-modality validation data."""
-    ume, mma = unimodal_metrics.get("val_acc", 0.0), mma_metrics.get("val_acc", 0.0)
-    chosen = "UME-MMA" if mma > ume else "UME"
-    return chosen, f"validation (full modalities): UME {100 * ume:.1f}, UME-MMA {100 * mma:.1f} -> keep {chosen}"
-
-

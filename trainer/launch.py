@@ -24,74 +24,46 @@ import sys
 import threading
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
 
 from shards.format import FormatError, read_dataset_info
 from shards.masks import ScenarioError
+from trainer import recipe
 from trainer.checkpoint import CheckpointMismatch, load_state
 from trainer.config import Config, ConfigError, load_config
+from trainer.recipe import Schedule
 from trainer.resources import cluster_view, ensure_fits, has_auto, resolve_auto
 
 log = logging.getLogger("trainer.launch")
-TRAIN_STAGES = ("unimodal", "joint", "joint_dropout", "mma")
-# What a stage trains (rerunning with other values is refused); loader and Ray settings (data.backend,
-# data.num_workers, ray.*), train.amp and [eval] may change between runs.
-COMMON_SETTINGS = ("data.dataset_dir", "data.batch_size", "data.crop_size", "data.min_crop_area", "data.flip",
-                   "train.seed", "train.optimizer", "train.momentum", "train.weight_decay")
-STAGE_SETTINGS = {
-    "unimodal": ("train.epochs", "train.lr", "train.lr_milestones", "train.lr_gamma"),
-    "joint": ("train.epochs", "train.lr", "train.lr_milestones", "train.lr_gamma"),
-    "joint_dropout": ("train.epochs", "train.lr", "train.lr_milestones", "train.lr_gamma", "train.modality_dropout"),
-    "mma": ("mma.epochs", "mma.lr", "mma.scheme", "mma.drop_probs"),
-}
-
-
-def stage_epochs(config: Config, stage: str) -> int:
-    return config.mma.epochs if stage == "mma" else config.train.epochs
-
-
-def stage_config(config: Config, stage: str) -> Config:
-    """The config a stage trains with: `joint` is the fused model without modality dropout."""
-    if stage == "joint":
-        return dataclasses.replace(config, train=dataclasses.replace(config.train, modality_dropout=0.0))
-    return config
-
-
-def stage_settings(config: dict[str, Any], stage: str) -> dict[str, Any]:
-    """`section.key` -> value for everything that decides what `stage` trains (from `asdict(config)`)."""
-    keys = [f"model.{k}" for k in config["model"]] + list(COMMON_SETTINGS) + list(STAGE_SETTINGS[stage])
-    return {key: config.get(key.split(".")[0], {}).get(key.split(".")[1]) for key in keys}
-
-
-def finished_checkpoint(run_dir: Path, epochs: int) -> Path | None:
-    """The checkpoint of a stage that already ran all its epochs, if any."""
+def finished_checkpoint(run_dir: Path, plan: Schedule) -> Path | None:
+    """The checkpoint of a stage that already ran all its epochs (or, with "auto", stopped early), if any."""
     for ckpt in sorted(run_dir.glob("checkpoint_*"), reverse=True):
         state_file = ckpt / "state.pt"
         if state_file.is_file():
             try:
-                if load_state(ckpt)["epoch"] >= epochs:
-                    return ckpt
+                state = load_state(ckpt)
             except Exception:  # a checkpoint being written when the run died: ignore it
                 continue
+            if (state["metrics"].get("finished") is True) if plan.auto else state["epoch"] >= plan.limit:
+                return ckpt
     return None
 
 
 def run_stage(config: Config, stage: str, init_from: Path | None, storage: Path) -> Path:
-    """Train one stage with Ray Train (resuming if a previous run of the same name stopped early)."""
+    """Train one stage (a name of `trainer.recipe.RECIPE`) with Ray Train, resuming if a previous run of the
+    same name stopped early; returns its final checkpoint."""
     from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchTrainer
 
     from trainer.train import train_loop_per_worker
 
     name = f"{config.ray.run_name}-{stage}"
-    config = stage_config(config, stage)
-    epochs = stage_epochs(config, stage)
+    plan = recipe.schedule(config, recipe.STAGES[stage])
     init = init_record(init_from)
     if check_same_run(config, stage, storage / name, init):
         aside = supersede(storage / name)
         log.info("stage %s: the unimodal checkpoint it started from has changed (ray.resume=extend); training "
                  "it again from scratch, the old run moved to %s", stage, aside)
-    done = finished_checkpoint(storage / name, epochs)
+    done = finished_checkpoint(storage / name, plan)
     if done is not None:
         log.info("stage %s already finished (%s); skipping", stage, done)
         return done
@@ -112,7 +84,9 @@ def run_stage(config: Config, stage: str, init_from: Path | None, storage: Path)
                              checkpoint_config=CheckpointConfig(num_to_keep=2),
                              failure_config=FailureConfig(max_failures=config.ray.max_failures)),
     )
-    log.info("stage %s: %d epochs on %d worker(s)", stage, epochs, config.ray.num_workers)
+    epochs = f"up to {plan.max_epochs} epochs (early stopping)" if plan.auto else f"{plan.epochs} epochs"
+    log.info("stage %s (%s): %s on %d worker(s)", stage, recipe.STAGES[stage].summary, epochs,
+             config.ray.num_workers)
     try:
         _fit(trainer, stage)
     except Exception as exc:  # Ray Train raises the workers' error: report its cause in one line
@@ -121,7 +95,7 @@ def run_stage(config: Config, stage: str, init_from: Path | None, storage: Path)
             cause = cause.__cause__
         raise StageFailed(f"stage {stage} failed: {type(cause).__name__}: {str(cause).strip().splitlines()[-1]} "
                           f"(logs and checkpoints in {storage / name})") from exc
-    done = finished_checkpoint(storage / name, epochs)
+    done = finished_checkpoint(storage / name, plan)
     if done is None:
         raise StageFailed(f"stage {stage} ended without a final checkpoint (see {storage / name})")
     return done
@@ -169,8 +143,8 @@ def _latest_state(run_dir: Path) -> dict | None:
 
 
 def check_same_run(config: Config, stage: str, run_dir: Path, init: dict | None = None) -> bool:
-    """A rerun resumes or skips a stage only when everything that decides what it trains (STAGE_SETTINGS,
-    the model, the data) equals what its last checkpoint recorded, and it starts from the same checkpoint.
+    """A rerun resumes or skips a stage only when everything that decides what it trains (`recipe.settings`:
+    the model, the data, the stage's schedule) equals what its last checkpoint recorded, and it starts from the same checkpoint.
 
     With `ray.resume = "extend"`, a stage whose epochs alone grew is let through (it trains on from its last
     checkpoint to the new count), and True is returned when the stage's initial checkpoint changed (mma
@@ -179,12 +153,13 @@ def check_same_run(config: Config, stage: str, run_dir: Path, init: dict | None 
     state = _latest_state(run_dir)
     if state is None or not state.get("config"):
         return False
-    epochs_key = "mma.epochs" if stage == "mma" else "train.epochs"
-    before = stage_settings(state["config"], stage)
-    now = stage_settings(dataclasses.asdict(config), stage)
+    epochs_key = f"{stage}.epochs"
+    before = recipe.settings(state["config"], recipe.STAGES[stage])
+    now = recipe.settings(dataclasses.asdict(config), recipe.STAGES[stage])
     changed = {k: (before[k], now[k]) for k in now if before[k] != now[k]}
     extend = config.ray.resume == "extend"
-    grew = list(changed) == [epochs_key] and (before[epochs_key] or 0) < now[epochs_key]
+    grew = (list(changed) == [epochs_key] and isinstance(now[epochs_key], int)
+            and isinstance(before[epochs_key], int) and before[epochs_key] < now[epochs_key])
     if changed and not (extend and grew):
         diff = ", ".join(f"{k}: {old!r} -> {new!r}" for k, (old, new) in changed.items())
         hint = ("or, since only the epochs grew, --set ray.resume=extend to train it on to the new count" if grew
@@ -253,16 +228,17 @@ class Progress:
 
 
 def run_recipe(config: Config, stages: list[str], progress: Progress | None = None) -> Path | None:
-    """unimodal -> joint baselines -> mma -> eval; returns the results markdown path when eval ran."""
+    """The stages of `trainer.recipe.RECIPE` named in `stages` (with those they start from), then `eval`
+    when named; returns the results markdown path when eval ran."""
     import ray
 
-    from trainer.evaluate import method_claims, standard_methods, val_choice, write_results
+    from trainer.evaluate import method_claims, standard_methods, write_results
 
     progress = progress if progress is not None else Progress()
     storage = Path(config.ray.storage_path)
-    planned = [s for s in TRAIN_STAGES if s in stages or (s == "unimodal" and "mma" in stages)]
-    for stage in TRAIN_STAGES if "eval" in stages else planned:  # refuse changed settings before Ray starts
-        check_same_run(stage_config(config, stage), stage, storage / f"{config.ray.run_name}-{stage}")
+    planned = recipe.plan(s for s in stages if s != "eval")
+    for stage in recipe.RECIPE if "eval" in stages else planned:  # refuse changed settings before Ray starts
+        check_same_run(config, stage.name, storage / f"{config.ray.run_name}-{stage.name}")
     if not ray.is_initialized():
         # RAY_ADDRESS is set by `ray job submit` (or by you): join that cluster. Otherwise start a private
         # local instance rather than attaching to whatever cluster happens to run on this machine.
@@ -270,37 +246,50 @@ def run_recipe(config: Config, stages: list[str], progress: Progress | None = No
     config = resolve_auto(config, cluster_view())
     checkpoints: dict[str, Path] = {}
     for stage in planned:
-        progress.current = stage
-        checkpoints[stage] = run_stage(config, stage, checkpoints.get("unimodal") if stage == "mma" else None, storage)
-        progress.finished.append(stage)
+        progress.current = stage.name
+        init_from = checkpoints[stage.init_from] if stage.init_from else None
+        checkpoints[stage.name] = run_stage(config, stage.name, init_from, storage)
+        progress.finished.append(stage.name)
     if "eval" not in stages:
         return None
     progress.current = "eval"
-    missing = [s for s in TRAIN_STAGES if s not in checkpoints]
-    for stage in missing:
-        run_dir = storage / f"{config.ray.run_name}-{stage}"
-        init = checkpoints.get("unimodal") if stage == "mma" else None
-        if check_same_run(stage_config(config, stage), stage, run_dir, init_record(init)):
-            raise ConfigError(f"eval needs the {stage} stage trained from the current unimodal checkpoint; run "
-                              f"--stages {stage},eval --set ray.resume=extend")
-        done = finished_checkpoint(run_dir, stage_epochs(config, stage))
+    for stage in recipe.RECIPE:  # eval scores every stage: those not trained in this run must be there already
+        if stage.name in checkpoints:
+            continue
+        run_dir = storage / f"{config.ray.run_name}-{stage.name}"
+        init = checkpoints.get(stage.init_from) if stage.init_from else None
+        if check_same_run(config, stage.name, run_dir, init_record(init)):
+            raise ConfigError(f"eval needs the {stage.name} stage trained from the current {stage.init_from} "
+                              f"checkpoint; run --stages {stage.name},eval --set ray.resume=extend")
+        done = finished_checkpoint(run_dir, recipe.schedule(config, stage))
         if done is None:
-            raise ConfigError(f"eval needs the {stage} stage; run it first (--stages {stage})")
-        checkpoints[stage] = done
+            raise ConfigError(f"eval needs the {stage.name} stage; run it first (--stages {stage.name})")
+        checkpoints[stage.name] = done
     ensure_fits(config, "eval", 1)
-    _, note = val_choice(load_state(checkpoints["unimodal"])["metrics"], load_state(checkpoints["mma"])["metrics"])
     info = read_dataset_info(config.data.dataset_dir)
+    states = {name: load_state(path) for name, path in checkpoints.items()}
+    choice = recipe.choose(states["unimodal"]["metrics"], states["mma"]["metrics"],
+                           {k: str(v) for k, v in checkpoints.items()}, config.eval.val_split, info.multilabel)
     methods = standard_methods({k: str(v) for k, v in checkpoints.items()}, info.modalities)
     use_gpu = config.ray.use_gpu
     remote_eval = ray.remote(num_cpus=config.ray.cpus_per_worker, num_gpus=1 if use_gpu else 0)(_evaluate_task)
     results = ray.get(remote_eval.remote(config, methods))
-    notes = [*method_claims(results), note,
+    results["chosen"] = choice
+    results["stages"] = {name: {"epochs": int(state["epoch"]), "kept_epochs": state["metrics"].get("kept_epochs")}
+                         for name, state in states.items()}
+    notes = [*method_claims(results), recipe.choice_note(choice), *kept_epochs_notes(results["stages"]),
              f"checkpoints: {', '.join(f'{k}={v}' for k, v in checkpoints.items())}"]
     md = write_results(results, storage / config.ray.run_name / "results", notes)
     print(md.read_text())
     progress.finished.append("eval")
     progress.current = None
     return md
+
+
+def kept_epochs_notes(stages: dict[str, dict]) -> list[str]:
+    """A line per stage trained with `epochs = "auto"`: which epoch early stopping kept, per branch."""
+    return [f"{name}: early stopping kept " + ", ".join(f"{t} epoch {e}" for t, e in record["kept_epochs"].items())
+            + f" of {record['epochs']}" for name, record in stages.items() if record.get("kept_epochs")]
 
 
 def _evaluate_task(config: Config, methods: list) -> dict:
@@ -321,16 +310,17 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--config", required=True, help="TOML config, e.g. trainer/configs/av_digits.toml")
     parser.add_argument("--set", action="append", default=[], metavar="SECTION.KEY=VALUE",
                         help="override a config value (repeatable), e.g. --set train.epochs=2")
-    parser.add_argument("--stages", default="unimodal,joint,joint_dropout,mma,eval",
-                        help="comma-separated subset of unimodal, joint, joint_dropout, mma, eval")
+    parser.add_argument("--stages", default=",".join([*recipe.STAGES, "eval"]),
+                        help="comma-separated subset of the recipe's stages (trainer/recipe.py) and eval; a stage "
+                             "brings the one it starts from (mma: unimodal)")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     progress = Progress()
     try:
         stages = [s.strip() for s in args.stages.split(",") if s.strip()]
-        unknown = sorted(set(stages) - set(TRAIN_STAGES) - {"eval"})
+        unknown = sorted(set(stages) - set(recipe.STAGES) - {"eval"})
         if unknown:
-            raise ConfigError(f"--stages: unknown {unknown}; choose from {', '.join(TRAIN_STAGES + ('eval',))}")
+            raise ConfigError(f"--stages: unknown {unknown}; choose from {', '.join([*recipe.STAGES, 'eval'])}")
         config = absolute(load_config(args.config, args.set))
         prepare_storage(config)
         info = read_dataset_info(config.data.dataset_dir)

@@ -1,9 +1,11 @@
-"""The training stages of METHOD.md, as one Ray Train loop per worker (ordinary PyTorch inside).
+"""One training stage of `trainer/recipe.py` as a Ray Train loop per worker (ordinary PyTorch inside).
 
-- `unimodal` (UME): every branch trained with its own loss in one pass; branches share no parameters,
-  so one optimizer over all of them keeps per-branch state exactly as separate optimizers would.
-- `mma`: initialised from the unimodal checkpoint, fused loss, the loader's missing-modality augmentation.
-- `joint`: the fused model from scratch (baseline); `joint_dropout` adds per-modality dropout.
+The stage's record says what differs between stages (its loss, its augmentation, what it starts from) and
+its schedule comes from the config table named after it; nothing here tests a stage's name. Branches share
+no parameters, so in `unimodal` one optimizer over all of them keeps per-branch state exactly as separate
+optimizers would. A step does not wait for the device: the loss is summed on the device and read every
+`LOG_EVERY` steps and at the end of the epoch. With `epochs = "auto"` the stage validates every epoch, keeps
+the best weights per target (`recipe.selection_metrics`) and stops after `patience` epochs without progress.
 The only Ray calls are `get_context`, `get_checkpoint`, `report` and `prepare_model`."""
 from __future__ import annotations
 
@@ -19,71 +21,63 @@ import ray.train
 import ray.train.torch
 import torch
 import torch.distributed as dist
-import torch.nn.functional as F
 
 from shards.format import read_dataset_info
 from shards.loader import make_loader
-from shards.masks import DropSpec, drop_one_uniform
-from trainer.checkpoint import load_loader_state, load_state, load_weights, save_loader_state, save_state, unwrap
+from trainer import recipe
+from trainer.checkpoint import (
+    load_loader_state,
+    load_state,
+    load_weights,
+    save_loader_state,
+    save_state,
+    unwrap,
+)
 from trainer.config import Config, config_from_dict
 from trainer.models import LateFusion, model_for_dataset
+from trainer.recipe import Schedule, Stage
 
 log = logging.getLogger(__name__)
-STAGES = ("unimodal", "mma", "joint", "joint_dropout")
 LOG_EVERY = 10
+BEST_FILE = "best.pt"
 
 
-def stage_augment(config: Config, stage: str, modalities: list[str]) -> DropSpec | None:
-    """The missing-modality augmentation a stage trains with."""
-    if stage == "mma":
-        if not config.mma.drop_probs and config.mma.scheme == "drop_one":
-            return drop_one_uniform(modalities)  # {} = METHOD.md's default for whatever the dataset has
-        return DropSpec(config.mma.scheme, dict(config.mma.drop_probs))
-    if stage == "joint_dropout":
-        return DropSpec("independent", {m: config.train.modality_dropout for m in modalities})
-    return None
-
-
-def stage_loss(stage: str, out: dict, batch: dict, modalities: list[str], multilabel: bool) -> torch.Tensor:
-    """Fused loss, or (unimodal) the sum of each branch's loss over the samples that have its modality."""
-    loss_fn = F.binary_cross_entropy_with_logits if multilabel else F.cross_entropy
-    if stage != "unimodal":
-        return loss_fn(out["logits"], batch["label"])
-    total = out["logits"].sum() * 0.0
-    for i, m in enumerate(modalities):
-        rows = batch["present"][:, i]
-        if rows.any():
-            total = total + loss_fn(out["unimodal"][m][rows], batch["label"][rows])
-    return total
-
-
-def build_optimizer(config: Config, stage: str, model: torch.nn.Module):
-    lr = config.mma.lr if stage == "mma" else config.train.lr
-    epochs = config.mma.epochs if stage == "mma" else config.train.epochs
+def build_optimizer(config: Config, stage: Stage, model: torch.nn.Module):
+    """The optimizer of `[train]` at the stage's lr, with its lr steps; returns it, the scheduler and the schedule."""
+    plan = recipe.schedule(config, stage)
     if config.train.optimizer == "sgd":
-        optimizer = torch.optim.SGD(model.parameters(), lr=lr, momentum=config.train.momentum,
+        optimizer = torch.optim.SGD(model.parameters(), lr=plan.lr, momentum=config.train.momentum,
                                     weight_decay=config.train.weight_decay)
     else:
-        optimizer = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=config.train.weight_decay)
-    scheduler = torch.optim.lr_scheduler.MultiStepLR(optimizer, milestones=stage_milestones(config, stage, epochs),
-                                                     gamma=config.train.lr_gamma)
-    return optimizer, scheduler, epochs
-
-
-def stage_milestones(config: Config, stage: str, epochs: int) -> list[int]:
-    """The epochs where the lr drops: none in mma, else train.lr_milestones before the last epoch."""
-    return [] if stage == "mma" else [m for m in config.train.lr_milestones if m < epochs]
+        optimizer = torch.optim.AdamW(model.parameters(), lr=plan.lr, weight_decay=config.train.weight_decay)
+    scheduler = torch.optim.lr_scheduler.MultiStepLR(optimizer, milestones=list(plan.lr_milestones),
+                                                     gamma=plan.lr_gamma)
+    return optimizer, scheduler, plan
 
 
 def to_device(batch: dict, device: torch.device) -> dict:
     return {k: (v.to(device, non_blocking=True) if torch.is_tensor(v) else v) for k, v in batch.items()}
 
 
+def train_step(model: torch.nn.Module, batch: dict, optimizer: torch.optim.Optimizer, stage: Stage, info,
+               amp: bool) -> torch.Tensor:
+    """One optimisation step on a batch already on the device; returns the detached loss, still on the
+    device (reading it with `.item()` would wait for the step to finish)."""
+    device_type = batch["present"].device.type
+    with torch.autocast(device_type, dtype=torch.bfloat16, enabled=amp):
+        out = model(batch)
+        loss = recipe.loss(stage, out, batch, info.modalities, info.multilabel)
+    optimizer.zero_grad(set_to_none=True)
+    loss.backward()
+    optimizer.step()
+    return loss.detach()
+
+
 @torch.no_grad()
 def validate(model: torch.nn.Module, loader, device: torch.device, modalities: list[str], multilabel: bool) -> dict:
     """Fused and per-branch accuracy (or micro-F1 for multi-label) on this worker's part, summed over workers."""
     model.eval()
-    counts = torch.zeros(2 + 2 * len(modalities), dtype=torch.float64)
+    counts = torch.zeros(2 + 2 * len(modalities), dtype=torch.float64, device=device)
     for batch in loader:
         batch = to_device(batch, device)
         out = model(batch)
@@ -92,9 +86,8 @@ def validate(model: torch.nn.Module, loader, device: torch.device, modalities: l
             rows = batch["present"][:, i]
             counts[2 + 2 * i: 4 + 2 * i] += _correct(out["unimodal"][m][rows], batch["label"][rows], multilabel)
     if dist.is_available() and dist.is_initialized():
-        counts = counts.to(device)  # NCCL reduces CUDA tensors only
         dist.all_reduce(counts)
-        counts = counts.cpu()
+    counts = counts.cpu()
     model.train()
     metrics = {"val_acc": float(counts[0] / max(counts[1], 1))}
     for i, m in enumerate(modalities):
@@ -103,12 +96,12 @@ def validate(model: torch.nn.Module, loader, device: torch.device, modalities: l
 
 
 def _correct(logits: torch.Tensor, label: torch.Tensor, multilabel: bool) -> torch.Tensor:
-    if logits.shape[0] == 0:
-        return torch.zeros(2, dtype=torch.float64)
+    """(correct, total) on the device: for multi-label, twice the true positives and predicted + true positives."""
     if multilabel:
-        pred = logits > 0
-        return torch.tensor([float((pred & (label > 0.5)).sum()) * 2, float(pred.sum() + (label > 0.5).sum())])
-    return torch.tensor([float((logits.argmax(1) == label).sum()), float(len(label))], dtype=torch.float64)
+        pred, truth = logits > 0, label > 0.5
+        return torch.stack([(pred & truth).sum().double() * 2, (pred.sum() + truth.sum()).double()])
+    return torch.stack([(logits.argmax(1) == label).sum().double(),
+                        torch.tensor(float(len(label)), dtype=torch.float64, device=logits.device)])
 
 
 def make_model(config: Config, info) -> LateFusion:
@@ -116,24 +109,78 @@ def make_model(config: Config, info) -> LateFusion:
     return model_for_dataset(config.model, info)
 
 
+def may_skip_branch(stage: Stage, info, fusion: str) -> bool:
+    """Whether a step can leave some parameters without a gradient (DDP then needs find_unused_parameters):
+    a modality absent from a whole batch (augmentation or natural missingness) skips its encoder, and with
+    concat fusion the fused loss does not reach the heads."""
+    natural = any(counts.get(f"has_{m}", counts.get("samples", 0)) < counts.get("samples", 0)
+                  for counts in info.splits.values() for m in info.modalities)
+    return stage.augment != "none" or natural or fusion == "concat"
+
+
+class EarlyStop:
+    """`epochs = "auto"`: the best epoch and weights per target (a branch, or the fused model), and how many
+    epochs each has gone without improving. Targets own disjoint parameters (a branch: its encoder and
+    head; "fused": all), so the kept model puts together each target's best weights."""
+
+    def __init__(self, targets: dict[str, str], patience: int) -> None:
+        self.targets, self.patience = targets, patience
+        self.best: dict[str, dict] = {}  # target -> {"epoch", "value"}
+        self.weights: dict[str, dict[str, torch.Tensor]] = {}
+
+    @staticmethod
+    def owned(target: str, state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        if target == "fused":
+            return state
+        return {k: v for k, v in state.items() if k.startswith((f"encoders.{target}.", f"heads.{target}."))}
+
+    def update(self, epoch: int, metrics: dict, model: torch.nn.Module) -> None:
+        state = unwrap(model).state_dict()
+        for target, key in self.targets.items():
+            if target not in self.best or metrics[key] > self.best[target]["value"]:
+                self.best[target] = {"epoch": epoch, "value": metrics[key]}
+                self.weights[target] = {k: v.detach().cpu().clone() for k, v in self.owned(target, state).items()}
+
+    def stale(self, epoch: int) -> bool:
+        """No target improved in the last `patience` epochs."""
+        return all(epoch - b["epoch"] >= self.patience for b in self.best.values())
+
+    def restore(self, model: torch.nn.Module) -> dict[str, int]:
+        """Load every target's best weights into `model`; returns target -> kept epoch."""
+        module = unwrap(model)
+        state = module.state_dict()
+        for weights in self.weights.values():
+            state.update(weights)
+        module.load_state_dict(state)
+        return {t: b["epoch"] for t, b in self.best.items()}
+
+    def state_dict(self) -> dict:
+        return {"best": self.best, "weights": self.weights}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.best, self.weights = state["best"], state["weights"]
+
+
 def train_loop_per_worker(loop_config: dict) -> None:
     """One worker of one stage: resume if Ray hands a checkpoint, train, validate, checkpoint every epoch."""
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     config = config_from_dict(loop_config["config"], source="loop config")
-    stage = loop_config["stage"]
+    stage = recipe.STAGES[loop_config["stage"]]
     ctx = ray.train.get_context()
     rank, world = ctx.get_world_rank(), ctx.get_world_size()
     device = ray.train.torch.get_device()
     torch.set_num_threads(max(1, int(config.ray.cpus_per_worker)))
     info = read_dataset_info(config.data.dataset_dir)
     model = make_model(config, info)
-    if stage == "mma":
+    if stage.init_from:
         init = loop_config["init_from"]
         load_weights(model, load_state(init), init)
         if config.model.fusion == "concat":
             model.init_concat_from_heads()
-    model = ray.train.torch.prepare_model(model, parallel_strategy_kwargs={"find_unused_parameters": True})
-    optimizer, scheduler, epochs = build_optimizer(config, stage, model)
+    unused = may_skip_branch(stage, info, config.model.fusion)
+    model = ray.train.torch.prepare_model(model, parallel_strategy_kwargs={"find_unused_parameters": unused})
+    optimizer, scheduler, plan = build_optimizer(config, stage, model)
+    stopper = EarlyStop(recipe.selection_metrics(stage, info.modalities), plan.patience) if plan.auto else None
 
     start_epoch, loader_state = 0, None
     checkpoint = ray.train.get_checkpoint()
@@ -144,19 +191,14 @@ def train_loop_per_worker(loop_config: dict) -> None:
             optimizer.load_state_dict(state["optimizer"])
             scheduler.load_state_dict(state["scheduler"])
             start_epoch = state["epoch"]
-            # The stored milestones were cut at the stored stage's epochs. A stage extended to more epochs
-            # (ray.resume=extend) takes this config's, and the drop a milestone at its old last epoch
-            # would have made then.
-            stored = set(scheduler.milestones)
-            scheduler.milestones = Counter(stage_milestones(config, stage, epochs))
-            missed = sum(1 for m in scheduler.milestones if m <= start_epoch and m not in stored)
-            for group in optimizer.param_groups:
-                group["lr"] *= config.train.lr_gamma ** missed
+            extend_milestones(scheduler, optimizer, plan, start_epoch)
             torch.set_rng_state(state["torch_rng"])
             loader_state = load_loader_state(ckpt_dir, rank)
-        log.info("[%s] rank %d resumes after epoch %d", stage, rank, start_epoch)
+            if stopper is not None and (Path(ckpt_dir) / BEST_FILE).is_file():
+                stopper.load_state_dict(torch.load(Path(ckpt_dir) / BEST_FILE, map_location="cpu", weights_only=True))
+        log.info("[%s] rank %d resumes after epoch %d", stage.name, rank, start_epoch)
     if rank == 0:
-        restart_metrics(loop_config.get("metrics_path"), stage, start_epoch)
+        restart_metrics(loop_config.get("metrics_path"), stage.name, start_epoch)
 
     use_gpu = device.type == "cuda"
     loader_args = dict(backend=config.data.backend, device="gpu" if use_gpu else "cpu", shard_id=rank,
@@ -164,52 +206,79 @@ def train_loop_per_worker(loop_config: dict) -> None:
                        min_crop_area=config.data.min_crop_area, flip=config.data.flip,
                        num_workers=config.data.num_workers, device_id=device.index if use_gpu else None)
     train_loader = make_loader(config.data.dataset_dir, "train", config.data.batch_size, train=True,
-                               augment=stage_augment(config, stage, info.modalities), epoch=start_epoch,
+                               augment=recipe.augmentation(config, stage, info.modalities), epoch=start_epoch,
                                **loader_args)
     if loader_state:
         train_loader.load_state_dict(loader_state)
     val_loader = make_loader(config.data.dataset_dir, config.eval.val_split, config.data.batch_size, **loader_args)
+    amp = config.train.amp == "bf16"
 
     model.train()
-    for epoch in range(start_epoch, epochs):
+    for epoch in range(start_epoch, plan.limit):
         train_loader.set_epoch(epoch)
-        seen, loss_sum, wait, steps = 0, 0.0, 0.0, 0
+        seen, wait, steps = 0, 0.0, 0
+        loss_sum = torch.zeros((), device=device)
         started = tick = time.perf_counter()
         for batch in train_loader:
             got = time.perf_counter()
             wait += got - tick
-            batch = to_device(batch, device)
-            with torch.autocast(device.type, dtype=torch.bfloat16, enabled=config.train.amp == "bf16"):
-                out = model(batch)
-                loss = stage_loss(stage, out, batch, info.modalities, info.multilabel)
-            optimizer.zero_grad(set_to_none=True)
-            loss.backward()
-            optimizer.step()
+            n = len(batch["key"])
+            loss = train_step(model, to_device(batch, device), optimizer, stage, info, amp)
+            loss_sum += loss.float() * n
             steps += 1
-            seen += len(batch["key"])
-            loss_sum += loss.item() * len(batch["key"])
+            seen += n
             tick = time.perf_counter()
             if rank == 0 and steps % LOG_EVERY == 0:
-                log.info("[%s] epoch %d step %d loss %.4f %.1f samples/s data wait %.0f%%", stage, epoch, steps,
+                log.info("[%s] epoch %d step %d loss %.4f %.1f samples/s data wait %.0f%%", stage.name, epoch, steps,
                          loss.item(), seen / (tick - started), 100 * wait / (tick - started))
         scheduler.step()
-        if stage == "unimodal" and config.model.fusion == "concat":  # the UME ensemble as a concat layer
+        if stage.loss == "per_branch" and config.model.fusion == "concat":  # the UME ensemble as a concat layer
             unwrap(model).init_concat_from_heads()
         elapsed = time.perf_counter() - started
-        metrics = {"stage": stage, "epoch": epoch + 1, "train_loss": loss_sum / max(seen, 1),
+        metrics = {"stage": stage.name, "epoch": epoch + 1, "train_loss": float(loss_sum) / max(seen, 1),
                    "samples_per_s": seen * world / elapsed, "data_wait_fraction": wait / elapsed,
                    "lr": optimizer.param_groups[0]["lr"], "world_size": world}
         metrics.update(validate(model, val_loader, device, info.modalities, info.multilabel))
+        finished = epoch + 1 == plan.limit
+        if stopper is not None:
+            stopper.update(epoch + 1, metrics, model)
+            finished = finished or stopper.stale(epoch + 1)
+            if finished:  # the kept model: each target's best epoch, validated again
+                metrics["kept_epochs"] = stopper.restore(model)
+                metrics.update(validate(model, val_loader, device, info.modalities, info.multilabel))
+                if config.model.fusion == "concat" and stage.loss == "per_branch":
+                    unwrap(model).init_concat_from_heads()
+        metrics["finished"] = finished
         with tempfile.TemporaryDirectory() as tmp:
             tmp_path = Path(tmp)
             save_loader_state(tmp_path, rank, train_loader.state_dict())
             if rank == 0:
                 save_state(tmp_path, model=model, optimizer=optimizer, scheduler=scheduler, epoch=epoch + 1,
-                           stage=stage, config=loop_config["config"], metrics=metrics, init=loop_config.get("init"))
-                log.info("[%s] epoch %d/%d: %s", stage, epoch + 1, epochs,
+                           stage=stage.name, config=loop_config["config"], metrics=metrics,
+                           init=loop_config.get("init"))
+                if stopper is not None and not finished:
+                    torch.save(stopper.state_dict(), tmp_path / BEST_FILE)
+                log.info("[%s] epoch %d/%s: %s", stage.name, epoch + 1, plan.epochs or f"auto<={plan.max_epochs}",
                          ", ".join(f"{k}={v:.4g}" for k, v in metrics.items() if isinstance(v, float)))
+                if "kept_epochs" in metrics:
+                    log.info("[%s] early stopping after epoch %d keeps %s", stage.name, epoch + 1,
+                             ", ".join(f"{t} from epoch {e}" for t, e in metrics["kept_epochs"].items()))
                 _append_metrics(loop_config.get("metrics_path"), metrics)
-            ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(tmp))
+            ray.train.report({k: v for k, v in metrics.items() if not isinstance(v, dict)},
+                             checkpoint=ray.train.Checkpoint.from_directory(tmp))
+        if finished:
+            break
+
+
+def extend_milestones(scheduler, optimizer, plan: Schedule, start_epoch: int) -> None:
+    """The stored milestones were cut at the stored stage's epochs. A stage extended to more epochs
+    (ray.resume=extend) takes this config's, and the drop a milestone at its old last epoch would have
+    made then."""
+    stored = set(scheduler.milestones)
+    scheduler.milestones = Counter(plan.lr_milestones)
+    missed = sum(1 for m in scheduler.milestones if m <= start_epoch and m not in stored)
+    for group in optimizer.param_groups:
+        group["lr"] *= plan.lr_gamma ** missed
 
 
 def _append_metrics(path: str | None, metrics: dict) -> None:
