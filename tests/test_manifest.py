@@ -239,5 +239,5 @@ def test_an_audio_text_manifest_trains_through_the_whole_recipe(text_corpus: Pat
     assert done.returncode == 0, (done.stdout + done.stderr)[-4000:]
     results = json.loads((storage / "manifest" / "results" / "results.json").read_text())
     assert list(results["methods"]) == ["audio-only", "text-only", "joint late fusion", "joint + modality dropout",
-                                        "UME", "UME-MMA"]
+                                        "UME", "UME-MMA", "UME, branch weights fitted on val"]
     assert {"full", "missing:audio", "missing:text", "rate:text=0.5"} <= set(results["scenarios"])

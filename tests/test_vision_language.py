@@ -275,7 +275,7 @@ def test_short_training_then_eval_with_missing_text_and_missing_image(name: str,
                                                                       tmp_path: Path) -> None:
     from trainer import recipe
     from trainer.checkpoint import save_state
-    from trainer.evaluate import Method, evaluate
+    from trainer.evaluate import WEIGHTED_UME, Method, evaluate
     from trainer.train import build_optimizer, make_model, validate
 
     b = built[name]
@@ -304,7 +304,8 @@ def test_short_training_then_eval_with_missing_text_and_missing_image(name: str,
                config={}, metrics=val)
 
     second = SECOND[name]
-    methods = [Method("UME", str(ckpt)), Method(f"{second}-only", str(ckpt), only=second)]
+    methods = [Method("UME", str(ckpt)), Method(f"{second}-only", str(ckpt), only=second),
+               Method(WEIGHTED_UME, str(ckpt), weighted=True)]
     results = evaluate(config, methods)
     n = info.splits["test"]["samples"]
     assert results["samples"] == n and results["multilabel"] == info.multilabel
@@ -325,6 +326,9 @@ def test_short_training_then_eval_with_missing_text_and_missing_image(name: str,
     # the uni-modal row ignores the other modality, so dropping it changes nothing
     only = results["methods"][f"{second}-only"]
     assert only["full"] == only["missing:visual"]
+    weights = results["branch_weights"][WEIGHTED_UME]
+    assert set(weights) == set(info.modalities) and all(w > 0 for w in weights.values()), weights
+    assert set(results["val_branches"]["scores"]) == set(results["test_branches"]) == set(info.modalities)
 
 
 def test_a_local_hugging_face_tokenizer_replaces_the_default(tmp_path: Path) -> None:

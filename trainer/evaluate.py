@@ -36,6 +36,7 @@ class Method:
     name: str
     checkpoint: str
     only: str | None = None
+    weighted: bool = False  # each branch's logits times its weight fitted on the validation split (sum fusion)
 
 
 def standard_methods(checkpoints: dict[str, str], modalities: list[str]) -> list[Method]:
@@ -44,8 +45,62 @@ def standard_methods(checkpoints: dict[str, str], modalities: list[str]) -> list
     methods += [Method("joint late fusion", checkpoints["joint"]),
                 Method("joint + modality dropout", checkpoints["joint_dropout"]),
                 Method("UME", checkpoints["unimodal"]),
-                Method("UME-MMA", checkpoints["mma"])]
+                Method("UME-MMA", checkpoints["mma"]),
+                Method(WEIGHTED_UME, checkpoints["unimodal"], weighted=True)]
     return methods
+
+
+WEIGHTED_UME = "UME, branch weights fitted on val"
+PRIOR = 0.01  # a weak pull of log(weight) towards 0 (plain UME), so a small validation split cannot send one to 0
+
+
+def fit_branch_weights(branch_logits: dict[str, torch.Tensor], present: torch.Tensor, labels: torch.Tensor,
+                       multilabel: bool, steps: int = 100) -> dict[str, float]:
+    """One positive weight per branch for the fused sum `sum_m w_m * logits_m` (a temperature per branch),
+    fitted by L-BFGS on the validation split's loss plus `PRIOR * sum(log(w)^2)`; w = 1 for every branch is
+    plain UME.
+
+    A branch that is over-confident or worse on data like the validation split gets a smaller weight, so
+    the sum leans on the branches that are reliable there."""
+    names = list(branch_logits)
+    stacked = torch.stack([torch.where(present[:, i, None], branch_logits[m].float(), 0.0)
+                           for i, m in enumerate(names)])  # [M, N, C]
+    log_w = torch.zeros(len(names), requires_grad=True)
+    loss_fn = torch.nn.functional.binary_cross_entropy_with_logits if multilabel else torch.nn.functional.cross_entropy
+    target = labels.float() if multilabel else labels
+    optimizer = torch.optim.LBFGS([log_w], lr=0.5, max_iter=steps, line_search_fn="strong_wolfe")
+
+    def closure() -> torch.Tensor:
+        optimizer.zero_grad()
+        loss = loss_fn((log_w.exp()[:, None, None] * stacked).sum(0), target) + PRIOR * log_w.square().sum()
+        loss.backward()
+        return loss
+
+    optimizer.step(closure)
+    return {m: round(float(w), 4) for m, w in zip(names, log_w.detach().exp())}
+
+
+@torch.no_grad()
+def branch_logits_on(model: LateFusion, loader, device: torch.device) -> tuple[dict, torch.Tensor, torch.Tensor]:
+    """Each branch's logits, the natural `present` mask and the labels over a whole split."""
+    logits: dict[str, list[torch.Tensor]] = {m: [] for m in model.modalities}
+    present, labels = [], []
+    for batch in tqdm(loader, desc="val branches", unit="batch", leave=False):
+        has = batch["present"].to(device)
+        out = model.fuse({m: model.encode(m, batch[m].to(device), has[:, i]) for i, m in enumerate(model.modalities)},
+                         has)
+        for m in model.modalities:
+            logits[m].append(out["unimodal"][m].cpu())
+        present.append(batch["present"])
+        labels.append(batch["label"])
+    return {m: torch.cat(v) for m, v in logits.items()}, torch.cat(present), torch.cat(labels)
+
+
+def branch_scores(branch_logits: dict[str, torch.Tensor], present: torch.Tensor, labels: torch.Tensor,
+                  multilabel: bool) -> dict[str, dict[str, float]]:
+    """Each branch scored alone on the samples that have its modality."""
+    return {m: score(branch_logits[m][present[:, i]], labels[present[:, i]], multilabel)
+            for i, m in enumerate(branch_logits) if bool(present[:, i].any())}
 
 
 @torch.no_grad()
@@ -97,6 +152,18 @@ def evaluate(config: Config, methods: list[Method], device: torch.device | None 
                          backend=config.data.backend, crop=config.data.crop_size,
                          num_workers=config.data.num_workers, seed=config.eval.seed)
     feats, inputs, keys, labels, has = _features(models, loader, device, info.modalities)
+    weights, val_branches, test_branches = {}, {}, {}
+    for method in (m for m in methods if m.weighted):
+        val_loader = make_loader(config.data.dataset_dir, config.eval.val_split, config.data.batch_size,
+                                 backend=config.data.backend, crop=config.data.crop_size,
+                                 num_workers=config.data.num_workers, seed=config.eval.seed)
+        val_logits, val_present, val_labels = branch_logits_on(models[method.checkpoint], val_loader, device)
+        weights[method.name] = fit_branch_weights(val_logits, val_present, val_labels, info.multilabel)
+        val_branches = branch_scores(val_logits, val_present, val_labels, info.multilabel)
+        with torch.no_grad():
+            model = models[method.checkpoint]
+            out = model.fuse({m: f.to(device) for m, f in feats[method.checkpoint].items()}, has.to(device))
+        test_branches = branch_scores({m: v.cpu() for m, v in out["unimodal"].items()}, has, labels, info.multilabel)
     fitted = fit_baselines(config)
     baseline_logits = {m: b.logits(inputs[m], info.num_classes, info.multilabel) for m, b in fitted.items()}
     scenarios = config.eval.scenario_names(info.modalities)
@@ -116,14 +183,20 @@ def evaluate(config: Config, methods: list[Method], device: torch.device | None 
             model = models[method.checkpoint]
             with torch.no_grad():
                 features = {m: f.to(device) for m, f in feats[method.checkpoint].items()}
-                logits = model.fuse(features, mask.to(device))["logits"].cpu()
+                out = model.fuse(features, mask.to(device))
+                if method.weighted:
+                    logits = sum(w * out["unimodal"][m] for m, w in weights[method.name].items()).cpu()
+                else:
+                    logits = out["logits"].cpu()
             table[method.name][name] = score(logits, labels, info.multilabel)
         for m, logits in baseline_logits.items():  # as a uni-modal model: zero logits where m is absent
             i = info.modalities.index(m)
             baselines[m]["scores"][name] = score(torch.where(present[:, i, None], logits, 0.0), labels, info.multilabel)
     return {"dataset": info.dataset, "split": config.eval.split, "samples": len(keys), "modalities": info.modalities,
             "scenarios": scenarios, "present": present_counts, "methods": table, "baselines": baselines,
-            "multilabel": info.multilabel}
+            "multilabel": info.multilabel, "branch_weights": weights,
+            "val_branches": {"split": config.eval.val_split, "scores": val_branches},
+            "test_branches": test_branches}
 
 
 def write_results(results: dict, out_dir: Path, notes: list[str]) -> Path:
@@ -208,7 +281,46 @@ def method_claims(results: dict) -> list[str]:
     """METHOD.md's claims checked on this table: under missing:<m>, UME-MMA against the uni-modal model of
     the remaining modality and joint late fusion; on full, UME-MMA against UME. Then each uni-modal model
     against its classical baseline (`undertrained_branches`)."""
-    return [*_ume_mma_claims(results), *undertrained_branches(results)]
+    return [*_ume_mma_claims(results), *undertrained_branches(results), *weight_notes(results),
+            *val_test_disagreements(results)]
+
+
+def weight_notes(results: dict) -> list[str]:
+    """The fitted branch weights, and what weighting changes on full test data."""
+    metric = "f1_macro" if results["multilabel"] else "acc"
+    lines = []
+    for name, weights in results.get("branch_weights", {}).items():
+        line = (f"{name}: " + ", ".join(f"{m} x{w:.2f}" for m, w in weights.items()) +
+                f" (fitted on `{results['val_branches']['split']}`)")
+        if "full" in results["scenarios"] and "UME" in results["methods"]:
+            plain, weighted = (100 * results["methods"][k]["full"][metric] for k in ("UME", name))
+            line += f"; on full test data {weighted:.1f} vs {plain:.1f} for the plain sum ({weighted - plain:+.1f})"
+        lines.append(line)
+    return lines
+
+
+DISAGREEMENT_POINTS = 15.0  # a branch this much better on validation than on test, beyond the others' gap
+
+
+def val_test_disagreements(results: dict) -> list[str]:
+    """A line per branch whose validation score (on the samples with its modality) overstates its test
+    score by DISAGREEMENT_POINTS more than the other branches' do: validation does not look like the test
+    data for that modality (unseen speakers, another recording condition), so what is chosen on it (UME or
+    UME-MMA, branch weights, the epochs kept) need not carry over."""
+    metric = "f1_macro" if results["multilabel"] else "acc"
+    val, test = results.get("val_branches", {}).get("scores", {}), results.get("test_branches", {})
+    gaps = {m: 100 * (val[m][metric] - test[m][metric]) for m in val if m in test}
+    lines = []
+    for m, gap in gaps.items():
+        others = [g for o, g in gaps.items() if o != m]
+        if others and gap - max(others) >= DISAGREEMENT_POINTS:
+            lines.append(f"validation and test disagree about the {m} branch: {100 * val[m][metric]:.1f} on "
+                         f"`{results['val_branches']['split']}`, {100 * test[m][metric]:.1f} on `{results['split']}` "
+                         f"(samples with {m}; gap {gap:+.1f} "
+                         f"points, the other branches {max(others):+.1f}); what is chosen on validation may not "
+                         f"carry over: build a validation split that matches the test conditions (e.g. unseen "
+                         f"speakers or sources)")
+    return lines
 
 
 def _ume_mma_claims(results: dict) -> list[str]:
