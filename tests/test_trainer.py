@@ -315,10 +315,14 @@ class FakeRayTrain:
         return ray.train.Checkpoint.from_directory(str(found[-1])) if found else None
 
     def report(self, row: dict, checkpoint) -> None:
-        if row["epoch"] == self.killed_at:
+        """`killed_at`: an epoch (its end-of-epoch report) or (epochs done, step) of a mid-epoch one."""
+        step = row.get("step")
+        if (row["epoch"] if step is None else (row["epoch"], step)) == self.killed_at:
             raise _Killed
-        shutil.copytree(checkpoint.path, self.run_dir / f"checkpoint_{row['epoch']:06d}")
-        self.reported[row["stage"], row["epoch"]] = row
+        name = f"checkpoint_{row['epoch']:06d}" + ("" if step is None else f"_{step:06d}")  # in the order written
+        shutil.copytree(checkpoint.path, self.run_dir / name)
+        if step is None:
+            self.reported[row["stage"], row["epoch"]] = row
 
     def trainer(self, loop, *, train_loop_config: dict, run_config, **kwargs) -> SimpleNamespace:
         def fit() -> None:
@@ -416,6 +420,36 @@ def test_extend_retrains_mma_from_the_longer_ume_and_refuses_it_without(digits: 
     assert [(r["stage"], r["epoch"]) for r in rows] == [("unimodal", 1), ("unimodal", 2), ("mma", 1)]
     assert rows[-1] == fake_ray_train.reported["mma", 1]  # the new mma row, not the old one
     assert run_stage(cfg("train.epochs=2"), "mma", longer, storage) == mma  # consistent now: skipped
+
+
+def test_a_run_killed_mid_epoch_resumes_to_the_uninterrupted_weights(digits: Path, tmp_path: Path,
+                                                                    fake_ray_train: FakeRayTrain) -> None:
+    """`train.checkpoint_every_steps`: killed inside epoch 2 (7 steps an epoch, checkpoints after steps 3
+    and 6), the rerun resumes after step 3 of epoch 2 and ends with the weights and per-epoch losses of a
+    run that was never stopped."""
+    from trainer.train import train_loop_per_worker
+
+    def run(name: str, killed_at=None) -> tuple[dict, list[dict]]:
+        fake_ray_train.run_dir, metrics = tmp_path / name, tmp_path / f"{name}.jsonl"
+        fake_ray_train.run_dir.mkdir()
+        fake_ray_train.killed_at = killed_at
+        loop = _loop_config(digits, metrics, "train.epochs=2", "train.checkpoint_every_steps=3")
+        try:
+            train_loop_per_worker(loop)
+        except _Killed:
+            assert sorted(p.name for p in fake_ray_train.run_dir.iterdir())[-1] == "checkpoint_000001_000003"
+            fake_ray_train.killed_at = None
+            train_loop_per_worker(loop)
+        final = sorted(fake_ray_train.run_dir.glob("checkpoint_*"))[-1]
+        return load_state(final), _rows(metrics)
+
+    clean, clean_rows = run("clean")
+    resumed, rows = run("resumed", killed_at=(1, 6))
+    assert [r["epoch"] for r in rows] == [1, 2] and resumed["epoch"] == 2 and resumed["progress"] is None
+    for key in ("train_loss", "val_acc", "val_acc_visual_branch", "val_acc_audio_branch"):
+        assert [r[key] for r in rows] == pytest.approx([r[key] for r in clean_rows], abs=1e-6), key
+    for key, value in clean["model"].items():
+        assert torch.allclose(resumed["model"][key].float(), value.float(), atol=1e-6), key
 
 
 def test_auto_epochs_keep_each_branch_at_its_best_validation_epoch(digits: Path, tmp_path: Path,

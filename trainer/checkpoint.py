@@ -18,9 +18,12 @@ class CheckpointMismatch(ValueError):
 
 def save_state(directory: Path, *, model: torch.nn.Module, optimizer: torch.optim.Optimizer | None,
                scheduler: Any, epoch: int, stage: str, config: dict, metrics: dict,
-               init: dict | None = None) -> None:
+               init: dict | None = None, progress: dict | None = None) -> None:
     """Write state.pt (model weights unwrapped from DDP); `init` names the checkpoint the stage started
-    from (mma: the UME checkpoint's directory name and epoch), so a rerun can tell when it changed."""
+    from (mma: the UME checkpoint's directory name and epoch), so a rerun can tell when it changed.
+    `progress` is set in a checkpoint written inside an epoch (`train.checkpoint_every_steps`): `epoch`
+    epochs are done and the next one has run `progress["steps"]` steps, with its running loss sum, samples,
+    data wait and time so far, and the world size it ran on."""
     state = {
         "init": init,
         "model": unwrap(model).state_dict(),
@@ -31,6 +34,7 @@ def save_state(directory: Path, *, model: torch.nn.Module, optimizer: torch.opti
         "config": config,
         "metrics": metrics,
         "torch_rng": torch.get_rng_state(),
+        "progress": progress,
     }
     torch.save(state, directory / STATE_FILE)
 

@@ -47,14 +47,18 @@ class DataConfig:
 
 @dataclass
 class ModelConfig:
-    """``[model]``: encoders per modality, their width and the fusion."""
+    """``[model]``: encoders per modality, their width, pretrained weights, freezing, lr scales and the fusion."""
 
     fusion: str = "sum"  # "sum" | "concat"
     width: int = 64  # encoder base width: ResNet stages width..8*width; text d_model = 2*width
+    # modality -> encoder name: resnet18_frames, resnet18_spec, text_transformer, text_bow, hf_vision, hf_audio, hf_text
     encoders: dict[str, str] = field(
         default_factory=lambda: {"visual": "resnet18_frames", "audio": "resnet18_spec", "text": "text_transformer"}
     )
-    pretrained: dict[str, str] = field(default_factory=dict)  # modality -> local state-dict file
+    # modality -> local state-dict file, or for the hf_* encoders a local transformers model folder
+    pretrained: dict[str, str] = field(default_factory=dict)
+    freeze: dict[str, bool] = field(default_factory=dict)  # modality -> true: that encoder is not trained (unimodal, mma)
+    lr_scale: dict[str, float] = field(default_factory=dict)  # modality -> the encoder's lr multiplier (default 1)
 
 
 @dataclass
@@ -73,6 +77,9 @@ class TrainConfig:
     lr_gamma: float = 0.1
     seed: int = 0
     amp: str = "none"  # "none" | "bf16": forward and loss under torch.autocast in bfloat16 (GPU training)
+    # also checkpoint every this many steps inside an epoch (0: at the end of each epoch only); a run resumed
+    # from one ends exactly as an uninterrupted run would (same worker count)
+    checkpoint_every_steps: int = 0
 
 
 @dataclass
@@ -365,8 +372,10 @@ def _validate(config: Config, source: str) -> None:
     require(0 < data.min_crop_area <= 1, "data.min_crop_area", data.min_crop_area, "in (0, 1]")
 
     choose("model.fusion", model.fusion, ("sum", "concat"))
-    for table in ("encoders", "pretrained"):
+    for table in ("encoders", "pretrained", "freeze", "lr_scale"):
         _check_names(getattr(model, table), dict.fromkeys(MODALITIES), source, "modality", f"model.{table}.")
+    for modality, scale in model.lr_scale.items():
+        require(scale > 0, f"model.lr_scale.{modality}", scale, "> 0 (freeze the encoder with model.freeze instead of 0)")
 
     choose("train.optimizer", train.optimizer, ("sgd", "adamw"))
     choose("train.amp", train.amp, ("none", "bf16"))
@@ -376,6 +385,8 @@ def _validate(config: Config, source: str) -> None:
         (train.momentum, train.weight_decay),
         ">= 0",
     )
+    require(train.checkpoint_every_steps >= 0, "train.checkpoint_every_steps", train.checkpoint_every_steps,
+            ">= 0 (0: end of epoch only)")
     for name in ("train", *STAGE_TABLES):
         _validate_schedule(getattr(config, name), name, require)
     require(0 <= config.joint_dropout.rate < 1, "joint_dropout.rate", config.joint_dropout.rate, "in [0, 1)")

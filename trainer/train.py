@@ -182,7 +182,7 @@ def train_loop_per_worker(loop_config: dict) -> None:
     optimizer, scheduler, plan = build_optimizer(config, stage, model)
     stopper = EarlyStop(recipe.selection_metrics(stage, info.modalities), plan.patience) if plan.auto else None
 
-    start_epoch, loader_state = 0, None
+    start_epoch, loader_state, progress = 0, None, None
     checkpoint = ray.train.get_checkpoint()
     if checkpoint:
         with checkpoint.as_directory() as ckpt_dir:
@@ -194,9 +194,15 @@ def train_loop_per_worker(loop_config: dict) -> None:
             extend_milestones(scheduler, optimizer, plan, start_epoch)
             torch.set_rng_state(state["torch_rng"])
             loader_state = load_loader_state(ckpt_dir, rank)
+            progress = state.get("progress")  # a checkpoint from inside an epoch: how far that epoch got
+            if progress is not None and progress["world_size"] != world:
+                raise ValueError(f"{ckpt_dir} was written inside epoch {start_epoch + 1} by {progress['world_size']} "
+                                 f"worker(s); resume it with --set ray.num_workers={progress['world_size']} (a "
+                                 f"checkpoint from the end of an epoch resumes on any number of workers)")
             if stopper is not None and (Path(ckpt_dir) / BEST_FILE).is_file():
                 stopper.load_state_dict(torch.load(Path(ckpt_dir) / BEST_FILE, map_location="cpu", weights_only=True))
-        log.info("[%s] rank %d resumes after epoch %d", stage.name, rank, start_epoch)
+        where = f"step {progress['steps']} of epoch {start_epoch + 1}" if progress else f"epoch {start_epoch}"
+        log.info("[%s] rank %d resumes after %s", stage.name, rank, where)
     if rank == 0:
         restart_metrics(loop_config.get("metrics_path"), stage.name, start_epoch)
 
@@ -212,12 +218,31 @@ def train_loop_per_worker(loop_config: dict) -> None:
         train_loader.load_state_dict(loader_state)
     val_loader = make_loader(config.data.dataset_dir, config.eval.val_split, config.data.batch_size, **loader_args)
     amp = config.train.amp == "bf16"
+    every = config.train.checkpoint_every_steps
+
+    def save(metrics: dict, epochs_done: int, progress: dict | None = None) -> None:
+        """A checkpoint of every rank (rank 0 writes the model), reported to Ray Train."""
+        with tempfile.TemporaryDirectory() as tmp:
+            tmp_path = Path(tmp)
+            save_loader_state(tmp_path, rank, train_loader.state_dict())
+            if rank == 0:
+                save_state(tmp_path, model=model, optimizer=optimizer, scheduler=scheduler, epoch=epochs_done,
+                           stage=stage.name, config=loop_config["config"], metrics=metrics,
+                           init=loop_config.get("init"), progress=progress)
+                if stopper is not None and not metrics.get("finished"):
+                    torch.save(stopper.state_dict(), tmp_path / BEST_FILE)
+            ray.train.report({k: v for k, v in metrics.items() if not isinstance(v, dict)},
+                             checkpoint=ray.train.Checkpoint.from_directory(tmp))
 
     model.train()
     for epoch in range(start_epoch, plan.limit):
         train_loader.set_epoch(epoch)
-        seen, wait, steps = 0, 0.0, 0
+        seen, wait, steps, before = 0, 0.0, 0, 0.0
         loss_sum = torch.zeros((), device=device)
+        if progress is not None:  # the rest of an epoch a mid-epoch checkpoint stopped in
+            seen, wait, steps, before = progress["seen"], progress["wait"], progress["steps"], progress["elapsed"]
+            loss_sum += progress["loss_sum"].to(device)
+            progress = None
         started = tick = time.perf_counter()
         for batch in train_loader:
             got = time.perf_counter()
@@ -230,11 +255,16 @@ def train_loop_per_worker(loop_config: dict) -> None:
             tick = time.perf_counter()
             if rank == 0 and steps % LOG_EVERY == 0:
                 log.info("[%s] epoch %d step %d loss %.4f %.1f samples/s data wait %.0f%%", stage.name, epoch, steps,
-                         loss.item(), seen / (tick - started), 100 * wait / (tick - started))
+                         loss.item(), seen / (before + tick - started), 100 * wait / (before + tick - started))
+            if every and steps % every == 0 and train_loader.batches_done < len(train_loader):
+                save({"stage": stage.name, "epoch": epoch, "step": steps, "finished": False}, epoch,
+                     {"steps": steps, "seen": seen, "wait": wait, "elapsed": before + tick - started,
+                      "loss_sum": loss_sum.detach().cpu(), "world_size": world})
+                tick = time.perf_counter()
         scheduler.step()
         if stage.loss == "per_branch" and config.model.fusion == "concat":  # the UME ensemble as a concat layer
             unwrap(model).init_concat_from_heads()
-        elapsed = time.perf_counter() - started
+        elapsed = before + time.perf_counter() - started
         metrics = {"stage": stage.name, "epoch": epoch + 1, "train_loss": float(loss_sum) / max(seen, 1),
                    "samples_per_s": seen * world / elapsed, "data_wait_fraction": wait / elapsed,
                    "lr": optimizer.param_groups[0]["lr"], "world_size": world}
@@ -249,23 +279,14 @@ def train_loop_per_worker(loop_config: dict) -> None:
                 if config.model.fusion == "concat" and stage.loss == "per_branch":
                     unwrap(model).init_concat_from_heads()
         metrics["finished"] = finished
-        with tempfile.TemporaryDirectory() as tmp:
-            tmp_path = Path(tmp)
-            save_loader_state(tmp_path, rank, train_loader.state_dict())
-            if rank == 0:
-                save_state(tmp_path, model=model, optimizer=optimizer, scheduler=scheduler, epoch=epoch + 1,
-                           stage=stage.name, config=loop_config["config"], metrics=metrics,
-                           init=loop_config.get("init"))
-                if stopper is not None and not finished:
-                    torch.save(stopper.state_dict(), tmp_path / BEST_FILE)
-                log.info("[%s] epoch %d/%s: %s", stage.name, epoch + 1, plan.epochs or f"auto<={plan.max_epochs}",
-                         ", ".join(f"{k}={v:.4g}" for k, v in metrics.items() if isinstance(v, float)))
-                if "kept_epochs" in metrics:
-                    log.info("[%s] early stopping after epoch %d keeps %s", stage.name, epoch + 1,
-                             ", ".join(f"{t} from epoch {e}" for t, e in metrics["kept_epochs"].items()))
-                _append_metrics(loop_config.get("metrics_path"), metrics)
-            ray.train.report({k: v for k, v in metrics.items() if not isinstance(v, dict)},
-                             checkpoint=ray.train.Checkpoint.from_directory(tmp))
+        if rank == 0:
+            log.info("[%s] epoch %d/%s: %s", stage.name, epoch + 1, plan.epochs or f"auto<={plan.max_epochs}",
+                     ", ".join(f"{k}={v:.4g}" for k, v in metrics.items() if isinstance(v, float)))
+            if "kept_epochs" in metrics:
+                log.info("[%s] early stopping after epoch %d keeps %s", stage.name, epoch + 1,
+                         ", ".join(f"{t} from epoch {e}" for t, e in metrics["kept_epochs"].items()))
+            _append_metrics(loop_config.get("metrics_path"), metrics)
+        save(metrics, epoch + 1)
         if finished:
             break
 
