@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import logging
 import os
 import shutil
 import signal
@@ -300,8 +301,10 @@ class FakeRayTrain:
         self.run_dir: Path | None = None
         self.killed_at: int | None = None
         self.reported: dict[tuple[str, int], dict] = {}
+        self.world = 1  # the world size this process plays rank 0 of
+        self.scaling = None  # the ScalingConfig the last `trainer(...)` was given
         monkeypatch.setattr(ray.train, "get_context", lambda: SimpleNamespace(get_world_rank=lambda: 0,
-                                                                              get_world_size=lambda: 1))
+                                                                              get_world_size=lambda: self.world))
         monkeypatch.setattr(ray.train, "get_checkpoint", self.get_checkpoint)
         monkeypatch.setattr(ray.train, "report", self.report)
         monkeypatch.setattr(ray.train.torch, "get_device", lambda: torch.device("cpu"))
@@ -325,6 +328,8 @@ class FakeRayTrain:
             self.reported[row["stage"], row["epoch"]] = row
 
     def trainer(self, loop, *, train_loop_config: dict, run_config, **kwargs) -> SimpleNamespace:
+        self.scaling = kwargs.get("scaling_config")
+
         def fit() -> None:
             self.run_dir = Path(run_config.storage_path) / run_config.name
             self.run_dir.mkdir(parents=True, exist_ok=True)
@@ -450,6 +455,40 @@ def test_a_run_killed_mid_epoch_resumes_to_the_uninterrupted_weights(digits: Pat
         assert [r[key] for r in rows] == pytest.approx([r[key] for r in clean_rows], abs=1e-6), key
     for key, value in clean["model"].items():
         assert torch.allclose(resumed["model"][key].float(), value.float(), atol=1e-6), key
+
+
+def test_elastic_workers_and_a_mid_epoch_resume_on_another_world_size(digits: Path, tmp_path: Path,
+                                                                     fake_ray_train: FakeRayTrain,
+                                                                     monkeypatch: pytest.MonkeyPatch,
+                                                                     caplog: pytest.LogCaptureFixture) -> None:
+    """`ray.num_workers = [1, 2]` is Ray Train's elastic (min, max); a checkpoint from inside an epoch on 1
+    worker resumes on 2, each going on from the same fraction of its (now smaller) part of the split."""
+    import trainer.launch
+    from trainer.train import train_loop_per_worker
+
+    monkeypatch.setattr(trainer.launch, "ensure_fits", lambda *args, **kwargs: None)  # no cluster here
+    storage = tmp_path / "runs"
+    (storage / "av_digits").mkdir(parents=True)
+    config = absolute(load_config(CONFIG, [f"data.dataset_dir={digits}", f"ray.storage_path={storage}", *SMALL,
+                                           "train.epochs=1", "ray.num_workers=[1, 2]"]))
+    run_stage(config, "unimodal", None, storage)
+    assert fake_ray_train.scaling.num_workers == (1, 2)
+    with pytest.raises(ConfigError, match=r"ray\.num_workers = \[2, 1\]; it must be >= 1, or \[min, max\]"):
+        load_config(CONFIG, ["ray.num_workers=[2, 1]"])
+
+    fake_ray_train.run_dir, metrics = tmp_path / "resized", tmp_path / "resized.jsonl"
+    fake_ray_train.run_dir.mkdir()
+    loop = _loop_config(digits, metrics, "train.epochs=2", "train.checkpoint_every_steps=3")
+    fake_ray_train.killed_at = (1, 6)  # inside epoch 2 (7 steps on one worker); the last checkpoint: step 3
+    with pytest.raises(_Killed):
+        train_loop_per_worker(loop)
+    fake_ray_train.killed_at, fake_ray_train.world = None, 2  # 3 steps an epoch per worker on two
+    with caplog.at_level(logging.WARNING, logger="trainer.train"):
+        train_loop_per_worker(loop)
+    assert "written inside epoch 2 by 1 worker(s), this run has 2; going on after step 1 of 3" in caplog.text
+    rows = _rows(metrics)
+    assert [(r["epoch"], r["world_size"]) for r in rows] == [(1, 1), (2, 2)]
+    assert load_state(sorted(fake_ray_train.run_dir.glob("checkpoint_*"))[-1])["epoch"] == 2
 
 
 def test_auto_epochs_keep_each_branch_at_its_best_validation_epoch(digits: Path, tmp_path: Path,

@@ -123,7 +123,9 @@ class MMAConfig(StageConfig):
 class RayConfig:
     """``[ray]``: Ray Train scaling, storage and fault tolerance."""
 
-    num_workers: int = 1  # DDP workers (ScalingConfig.num_workers)
+    # DDP workers (ScalingConfig.num_workers); [min, max]: elastic, Ray Train starts with what the cluster has
+    # (at least min) and resizes the group as workers come and go (needs max_failures > 0 to survive a loss)
+    num_workers: int | list[int] = 1
     use_gpu: bool | Literal["auto"] = False  # "auto": true iff the Ray cluster has GPUs
     storage_path: str = "work/ray_results"  # RunConfig.storage_path (made absolute by the stage)
     run_name: str = "ume_mma"  # RunConfig.name; rerunning with the same name resumes
@@ -135,6 +137,17 @@ class RayConfig:
     resume: str = "same"
     # a cluster that can grow (autoscaler) gets this long to provide the workers' resources; 0: fail at once
     resource_timeout_s: float = 600.0
+
+
+    @property
+    def min_workers(self) -> int:
+        """The workers a stage needs at least (all of them unless elastic)."""
+        return self.num_workers[0] if isinstance(self.num_workers, list) else self.num_workers
+
+    @property
+    def scaling_workers(self) -> int | tuple[int, int]:
+        """`ScalingConfig(num_workers=...)`: a count, or Ray Train's elastic (min, max)."""
+        return tuple(self.num_workers) if isinstance(self.num_workers, list) else self.num_workers
 
 
 @dataclass
@@ -405,7 +418,9 @@ def _validate(config: Config, source: str) -> None:
             f"probabilities summing to 1 for drop_one (they sum to {total:g})",
         )
 
-    require(ray.num_workers >= 1, "ray.num_workers", ray.num_workers, ">= 1")
+    workers = ray.num_workers if isinstance(ray.num_workers, list) else [ray.num_workers]
+    require(len(workers) in (1, 2) and 1 <= workers[0] <= workers[-1], "ray.num_workers", ray.num_workers,
+            ">= 1, or [min, max] with 1 <= min <= max for elastic training")
     require(ray.cpus_per_worker == AUTO or ray.cpus_per_worker > 0, "ray.cpus_per_worker", ray.cpus_per_worker,
             '> 0 or "auto"')
     choose("ray.resume", ray.resume, RESUME_MODES)

@@ -71,22 +71,23 @@ def run_stage(config: Config, stage: str, init_from: Path | None, storage: Path)
         check_fits(config, init_from)
     if has_auto(config):  # callers other than run_recipe (benchmarks) may pass "auto" settings
         config = resolve_auto(config, cluster_view())
-    ensure_fits(config, f"stage {stage}", config.ray.num_workers)
+    ensure_fits(config, f"stage {stage}", config.ray.min_workers)
     loop_config = {"config": dataclasses.asdict(config), "stage": stage,
                    "init_from": str(init_from) if init_from else None, "init": init,
                    "metrics_path": str(storage / config.ray.run_name / "metrics.jsonl")}
     trainer = TorchTrainer(
         train_loop_per_worker,
         train_loop_config=loop_config,
-        scaling_config=ScalingConfig(num_workers=config.ray.num_workers, use_gpu=config.ray.use_gpu,
+        scaling_config=ScalingConfig(num_workers=config.ray.scaling_workers, use_gpu=config.ray.use_gpu,
                                      resources_per_worker={"CPU": config.ray.cpus_per_worker}),
         run_config=RunConfig(name=name, storage_path=str(storage),
                              checkpoint_config=CheckpointConfig(num_to_keep=2),
                              failure_config=FailureConfig(max_failures=config.ray.max_failures)),
     )
     epochs = f"up to {plan.max_epochs} epochs (early stopping)" if plan.auto else f"{plan.epochs} epochs"
-    log.info("stage %s (%s): %s on %d worker(s)", stage, recipe.STAGES[stage].summary, epochs,
-             config.ray.num_workers)
+    workers = ("{}..{} (elastic)".format(*config.ray.num_workers) if isinstance(config.ray.num_workers, list)
+               else config.ray.num_workers)
+    log.info("stage %s (%s): %s on %s worker(s)", stage, recipe.STAGES[stage].summary, epochs, workers)
     try:
         _fit(trainer, stage)
     except Exception as exc:  # Ray Train raises the workers' error: report its cause in one line
@@ -330,9 +331,11 @@ def main(argv: list[str] | None = None) -> int:
                                   f"entry for it; add {modality} = \"<encoder name>\"")
         for split in ("train", config.eval.val_split):
             n = info.splits.get(split, {}).get("samples", 0)
-            if n < config.ray.num_workers:
+            most = config.ray.scaling_workers if isinstance(config.ray.scaling_workers, int) else \
+                config.ray.scaling_workers[1]
+            if n < most:
                 raise ConfigError(f"split {split!r} of {config.data.dataset_dir} has {n} samples for "
-                                  f"{config.ray.num_workers} workers; every worker needs at least one "
+                                  f"{most} workers; every worker needs at least one "
                                   f"(lower ray.num_workers or build the split)")
         try:  # unknown encoder names, unreadable pretrained files: fail before any Ray work
             from trainer.models import model_for_dataset

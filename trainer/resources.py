@@ -111,14 +111,14 @@ def resolve_auto(config: Config, view: ClusterView) -> Config:
     if cpus == AUTO:
         gpus = 1 if use_gpu else 0
         cpus = next((float(c) for c in range(AUTO_MAX_CPUS_PER_WORKER, 0, -1)
-                     if bundles_that_fit(view.nodes, c, gpus) >= ray_cfg.num_workers), 1.0)
+                     if bundles_that_fit(view.nodes, c, gpus) >= ray_cfg.min_workers), 1.0)
         chosen.append(f"ray.cpus_per_worker={cpus:g}")
     loaders = data.num_workers
     if loaders == AUTO:
         loaders = max(1, int(cpus))
         chosen.append(f"data.num_workers={loaders}")
     if chosen:
-        log.info("auto settings for %d worker(s) on %s: %s", ray_cfg.num_workers, view.describe(), ", ".join(chosen))
+        log.info("auto settings for %s worker(s) on %s: %s", ray_cfg.num_workers, view.describe(), ", ".join(chosen))
     return dataclasses.replace(config, ray=dataclasses.replace(ray_cfg, use_gpu=use_gpu, cpus_per_worker=cpus),
                                data=dataclasses.replace(data, num_workers=loaders))
 

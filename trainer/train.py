@@ -195,10 +195,6 @@ def train_loop_per_worker(loop_config: dict) -> None:
             torch.set_rng_state(state["torch_rng"])
             loader_state = load_loader_state(ckpt_dir, rank)
             progress = state.get("progress")  # a checkpoint from inside an epoch: how far that epoch got
-            if progress is not None and progress["world_size"] != world:
-                raise ValueError(f"{ckpt_dir} was written inside epoch {start_epoch + 1} by {progress['world_size']} "
-                                 f"worker(s); resume it with --set ray.num_workers={progress['world_size']} (a "
-                                 f"checkpoint from the end of an epoch resumes on any number of workers)")
             if stopper is not None and (Path(ckpt_dir) / BEST_FILE).is_file():
                 stopper.load_state_dict(torch.load(Path(ckpt_dir) / BEST_FILE, map_location="cpu", weights_only=True))
         where = f"step {progress['steps']} of epoch {start_epoch + 1}" if progress else f"epoch {start_epoch}"
@@ -214,6 +210,20 @@ def train_loop_per_worker(loop_config: dict) -> None:
     train_loader = make_loader(config.data.dataset_dir, "train", config.data.batch_size, train=True,
                                augment=recipe.augmentation(config, stage, info.modalities), epoch=start_epoch,
                                **loader_args)
+    if progress is not None and progress["world_size"] != world:
+        # Inside an epoch on another number of workers (elastic resizing, or a rerun with other ray.num_workers):
+        # each worker's part of the split is another one now, so every worker goes on from the same fraction
+        # of its part that the old workers had done. The epoch's samples are then seen about once, not exactly.
+        done = progress["steps"] * len(train_loader) // progress["steps_per_epoch"]
+        loader_state = {"epoch": start_epoch, "batches_done": done}
+        scale = done / max(progress["steps"], 1)  # the running loss sum of as many steps as are counted done
+        progress = dict(progress, steps=done, seen=done * config.data.batch_size,
+                        loss_sum=progress["loss_sum"] * scale, wait=progress["wait"] * scale,
+                        elapsed=progress["elapsed"] * scale)
+        log.warning("[%s] rank %d: the checkpoint was written inside epoch %d by %d worker(s), this run has %d; "
+                    "going on after step %d of %d of this worker's part (the same fraction); the rest of the "
+                    "epoch sees its samples about once, not exactly once", stage.name, rank, start_epoch + 1,
+                    progress["world_size"], world, done, len(train_loader))
     if loader_state:
         train_loader.load_state_dict(loader_state)
     val_loader = make_loader(config.data.dataset_dir, config.eval.val_split, config.data.batch_size, **loader_args)
@@ -259,7 +269,8 @@ def train_loop_per_worker(loop_config: dict) -> None:
             if every and steps % every == 0 and train_loader.batches_done < len(train_loader):
                 save({"stage": stage.name, "epoch": epoch, "step": steps, "finished": False}, epoch,
                      {"steps": steps, "seen": seen, "wait": wait, "elapsed": before + tick - started,
-                      "loss_sum": loss_sum.detach().cpu(), "world_size": world})
+                      "loss_sum": loss_sum.detach().cpu(), "world_size": world,
+                      "steps_per_epoch": len(train_loader)})
                 tick = time.perf_counter()
         scheduler.step()
         if stage.loss == "per_branch" and config.model.fusion == "concat":  # the UME ensemble as a concat layer
