@@ -14,6 +14,7 @@ from trainer.models import (
     build_encoder,
     build_model,
     load_pretrained,
+    param_groups,
     register_encoder,
 )
 
@@ -141,8 +142,62 @@ def test_text_encoder_ignores_padding_and_survives_empty_text():
 
 
 def test_unknown_encoder_lists_known_names():
-    with pytest.raises(ValueError, match="resnet18_frames, resnet18_spec, text_transformer"):
+    with pytest.raises(ValueError, match="hf_audio, hf_text, hf_vision, resnet18_frames, resnet18_spec, text_bow, "
+                                         "text_transformer"):
         build_encoder("resnet50_frames")
+
+
+def test_text_bow_is_the_mean_of_token_and_bigram_embeddings_without_padding():
+    encoder = build_encoder("text_bow", width=8, vocab_size=50)
+    assert encoder.out_dim == 16 and encoder.bag.num_embeddings == 100  # 50 words + 50 bigram buckets
+    tokens = torch.tensor([[5, 6, 7, 0, 0], [0, 0, 0, 0, 0]])
+    features = encoder(tokens)
+    assert features.shape == (2, 16)
+    assert torch.equal(features[1], torch.zeros(16))  # empty text: zero features
+    torch.testing.assert_close(encoder(tokens[:1, :3]), features[:1])  # padding changes nothing
+    table = encoder.bag.weight
+    bigrams = [50 + (a * 1000003 + b) % 50 for a, b in ((5, 6), (6, 7))]
+    torch.testing.assert_close(features[0], table[[5, 6, 7, *bigrams]].mean(dim=0))
+    assert not torch.allclose(encoder(torch.tensor([[7, 6, 5]])), features[:1])  # word order enters via bigrams
+    unigrams = models.TextBag(vocab_size=50, dim=16, bigram_buckets=0)
+    torch.testing.assert_close(unigrams(torch.tensor([[7, 6, 5, 0]])), unigrams(torch.tensor([[5, 6, 7, 0]])))
+
+
+def test_text_bow_learns_which_keyword_decides_the_class():
+    """Class k iff keyword k (ids 2, 3, 4) occurs among random filler words and padding: a linear bag of words
+    learns it in a few hundred steps and gets held-out texts right."""
+    generator = torch.Generator().manual_seed(0)
+
+    def texts(n: int) -> tuple[torch.Tensor, torch.Tensor]:
+        labels = torch.randint(0, 3, (n,), generator=generator)
+        tokens = torch.randint(5, 40, (n, 12), generator=generator)
+        lengths = torch.randint(3, 13, (n,), generator=generator)
+        where = (torch.rand(n, generator=generator) * lengths).long()
+        tokens[torch.arange(n), where] = labels + 2
+        tokens[torch.arange(12)[None] >= lengths[:, None]] = 0
+        return tokens, labels
+
+    torch.manual_seed(0)
+    model = LateFusion(["text"], {"text": build_encoder("text_bow", width=8, vocab_size=40)}, num_classes=3)
+    optimizer = torch.optim.Adam(model.parameters(), lr=0.05)
+    for _ in range(150):
+        tokens, labels = texts(32)
+        out = model({"text": tokens, "present": torch.ones(32, 1, dtype=torch.bool)})
+        loss = torch.nn.functional.cross_entropy(out["logits"], labels)
+        optimizer.zero_grad()
+        loss.backward()
+        optimizer.step()
+    tokens, labels = texts(200)
+    with torch.no_grad():
+        predicted = model({"text": tokens, "present": torch.ones(200, 1, dtype=torch.bool)})["logits"].argmax(1)
+    assert (predicted == labels).float().mean() >= 0.95
+
+
+def test_text_bow_is_selected_by_the_config_and_sized_by_the_dataset():
+    cfg = load_config(CONFIGS / "mm_imdb.toml", ["model.encoders.text=text_bow", "model.width=8"])
+    model = build_model(cfg.model, ["visual", "text"], 23, {"text": {"vocab_size": 100, "max_len": 16, "params": {}}})
+    assert isinstance(model.encoders["text"], models.TextBag) and model.encoders["text"].vocab_size == 100
+    assert model.heads["text"].in_features == 16
 
 
 def test_registered_encoder_is_built_by_name(monkeypatch):
@@ -297,3 +352,25 @@ def test_build_model_passes_input_specs_to_the_text_encoder():
     model = build_model(cfg.model, ["visual", "text"], 23, {"text": {"vocab_size": 100, "max_len": 16}})
     assert model.encoders["text"].embedding.num_embeddings == 100
     assert model.fusion.in_features == 8 * 16 + 2 * 16
+
+
+def test_frozen_encoders_stay_fixed_in_eval_mode_and_lr_scale_sets_their_group():
+    cfg = load_config(CONFIGS / "av_digits.toml", ["model.width=4", "model.freeze.visual=true",
+                                                   "model.lr_scale.audio=0.1"])
+    torch.manual_seed(0)
+    model = build_model(cfg.model, ["visual", "audio"], num_classes=3)
+    groups = param_groups(model, cfg.model, lr=0.5)
+    assert [(g["name"], g["lr"]) for g in groups] == [("encoders.audio", pytest.approx(0.05)), ("heads", 0.5)]
+    assert {id(p) for g in groups for p in g["params"]} == {id(p) for p in model.parameters() if p.requires_grad}
+    model.train()
+    assert not model.encoders["visual"].training and model.encoders["audio"].training
+    before = {k: v.clone() for k, v in model.encoders["visual"].state_dict().items()}
+    batch = {"visual": torch.randn(2, 2, 3, 32, 32), "audio": torch.randn(2, 1, 32, 40),
+             "present": torch.ones(2, 2, dtype=torch.bool)}
+    optimizer = torch.optim.SGD(groups, momentum=0.9)
+    loss = model(batch)["logits"].sum()
+    loss.backward()
+    optimizer.step()
+    for key, value in model.encoders["visual"].state_dict().items():  # weights and BatchNorm statistics
+        assert torch.equal(value, before[key]), key
+    assert model.encoders["audio"].conv1.weight.grad is not None

@@ -151,6 +151,16 @@ class RayConfig:
 
 
 @dataclass
+class TrackConfig:
+    """``[track]``: training curves besides metrics.jsonl (trainer/tracking.py), written by rank 0."""
+
+    tensorboard: bool = True  # event files under <storage_path>/<run_name>/tensorboard/<stage>/
+    log_every_steps: int = 0  # also the training loss every N steps (0: per epoch only)
+    mlflow_uri: str = ""  # e.g. http://mlflow:5000 or file:///mnt/shared/mlruns; "" = no MLflow
+    mlflow_experiment: str = ""  # "" = ray.run_name
+
+
+@dataclass
 class EvalConfig:
     """``[eval]``: the scenario matrix scored for every method."""
 
@@ -186,6 +196,7 @@ class Config:
     joint_dropout: JointDropoutConfig = field(default_factory=JointDropoutConfig)
     ray: RayConfig = field(default_factory=RayConfig)
     eval: EvalConfig = field(default_factory=EvalConfig)
+    track: TrackConfig = field(default_factory=TrackConfig)
 
 
 SECTIONS: dict[str, type] = {f.name: typing.get_type_hints(Config)[f.name] for f in dataclasses.fields(Config)}
@@ -398,6 +409,7 @@ def _validate(config: Config, source: str) -> None:
         (train.momentum, train.weight_decay),
         ">= 0",
     )
+    require(config.track.log_every_steps >= 0, "track.log_every_steps", config.track.log_every_steps, ">= 0")
     require(train.checkpoint_every_steps >= 0, "train.checkpoint_every_steps", train.checkpoint_every_steps,
             ">= 0 (0: end of epoch only)")
     for name in ("train", *STAGE_TABLES):

@@ -11,8 +11,9 @@ the differences; `--set ray.resume=extend` lets a stage whose epochs alone grew 
 count, and retrains `mma` from scratch when its UME checkpoint changed (the old run is moved aside to
 `<run_name>-mma.superseded-<n>`). Before a stage starts, its workers' resources are checked against the
 cluster (`trainer/resources.py`); Ctrl-C stops the run within seconds (exit 130) and the next run resumes.
-Results go to `<storage_path>/<run_name>/results/` (results.md, results.json, missing_rate.png) and
-per-epoch metrics to `<storage_path>/<run_name>/metrics.jsonl`."""
+Results go to `<storage_path>/<run_name>/results/` (results.md, results.json, missing_rate.png, and the
+exported models `ume/`, `ume_mma/`, `chosen/`), per-epoch metrics to `<storage_path>/<run_name>/metrics.jsonl`
+and TensorBoard event files to `<storage_path>/<run_name>/tensorboard/<stage>/`."""
 from __future__ import annotations
 
 import argparse
@@ -32,6 +33,7 @@ from trainer.checkpoint import CheckpointMismatch, load_state
 from trainer.config import Config, ConfigError, load_config
 from trainer.recipe import Schedule
 from trainer.resources import cluster_view, ensure_fits, has_auto, resolve_auto
+from trainer.tracking import TrackingError, check_tracking
 
 log = logging.getLogger("trainer.launch")
 def finished_checkpoint(run_dir: Path, plan: Schedule) -> Path | None:
@@ -201,7 +203,9 @@ def absolute(config: Config) -> Config:
     """Resolve relative paths against the current directory before they travel to Ray workers."""
     data = dataclasses.replace(config.data, dataset_dir=str(Path(config.data.dataset_dir).resolve()))
     ray_cfg = dataclasses.replace(config.ray, storage_path=str(Path(config.ray.storage_path).resolve()))
-    return dataclasses.replace(config, data=data, ray=ray_cfg)
+    model = dataclasses.replace(config.model, pretrained={m: str(Path(p).resolve())
+                                                          for m, p in config.model.pretrained.items()})
+    return dataclasses.replace(config, data=data, ray=ray_cfg, model=model)
 
 
 def prepare_storage(config: Config) -> Path:
@@ -280,11 +284,26 @@ def run_recipe(config: Config, stages: list[str], progress: Progress | None = No
                          for name, state in states.items()}
     notes = [*method_claims(results), recipe.choice_note(choice), *kept_epochs_notes(results["stages"]),
              f"checkpoints: {', '.join(f'{k}={v}' for k, v in checkpoints.items())}"]
-    md = write_results(results, storage / config.ray.run_name / "results", notes)
+    results_dir = storage / config.ray.run_name / "results"
+    md = write_results(results, results_dir, notes)
+    export_models(config, checkpoints, choice, results_dir)
     print(md.read_text())
     progress.finished.append("eval")
     progress.current = None
     return md
+
+
+def export_models(config: Config, checkpoints: dict[str, Path], choice: dict, results_dir: Path) -> None:
+    """`results/ume`, `results/ume_mma` and `results/chosen` (METHOD.md step 4's pick), each a
+    `model.safetensors` + `model.json` that `trainer.export.load_model` and `trainer.predict` read."""
+    from trainer.export import export_checkpoint
+
+    chosen_stage = "mma" if choice["model"] == "UME-MMA" else "unimodal"
+    for name, stage, method in (("ume", "unimodal", "UME"), ("ume_mma", "mma", "UME-MMA"),
+                                ("chosen", chosen_stage, choice["model"])):
+        export_checkpoint(checkpoints[stage], config, results_dir / name, name,
+                          extra={"method": method, "choice": choice})
+    log.info("models exported to %s (ume, ume_mma, chosen = %s)", results_dir, choice["model"])
 
 
 def kept_epochs_notes(stages: dict[str, dict]) -> list[str]:
@@ -348,8 +367,9 @@ def main(argv: list[str] | None = None) -> int:
             if unknown_m:
                 raise ConfigError(f"{args.config}: [mma] drop_probs names {sorted(unknown_m)}, not modalities of "
                                   f"{info.dataset} ({', '.join(info.modalities)})")
+        check_tracking(tensorboard=config.track.tensorboard, mlflow_uri=config.track.mlflow_uri)
         run_recipe(config, stages, progress)
-    except (ConfigError, FormatError, CheckpointMismatch, ScenarioError) as exc:
+    except (ConfigError, FormatError, CheckpointMismatch, ScenarioError, TrackingError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
     except StageFailed as exc:

@@ -7,7 +7,8 @@ names so torchvision checkpoints load with :func:`load_pretrained`.
 
 from __future__ import annotations
 
-from collections.abc import Callable, Mapping
+import inspect
+from collections.abc import Callable, Iterable, Mapping
 from pathlib import Path
 from typing import Any, Literal
 
@@ -189,6 +190,75 @@ def text_transformer(vocab_size: int, max_len: int = 512, width: int = 64) -> Te
     return TextTransformer(vocab_size=vocab_size, max_len=max_len, d_model=2 * width)
 
 
+class TextBag(nn.Module):
+    """fastText-style bag of words over token ids ``[B, L]`` (0 = padding): the mean of the embeddings of the
+    tokens and, with ``bigram_buckets > 0``, of their hashed bigrams -> ``[B, dim]``.
+
+    A linear model over averaged embeddings (Joulin et al., "Bag of Tricks for Efficient Text Classification",
+    2016) is a strong, cheap baseline on small corpora, where a transformer from scratch has too little text
+    to learn from. Padding is left out of the mean (an all-padding row gives zero features); a bigram of two
+    adjacent non-padding tokens (a, b) gets the id ``vocab_size + (a * 1000003 + b) % bigram_buckets``, so word
+    order enters as fastText's ``-wordNgrams 2`` does, at the cost of a second table of ``bigram_buckets`` rows.
+    """
+
+    def __init__(self, vocab_size: int, dim: int = 128, bigram_buckets: int = 0) -> None:
+        super().__init__()
+        if bigram_buckets < 0:
+            raise ValueError(f"bigram_buckets must be >= 0, got {bigram_buckets}")
+        self.vocab_size = vocab_size
+        self.bigram_buckets = bigram_buckets
+        self.out_dim = dim
+        self.bag = nn.EmbeddingBag(vocab_size + bigram_buckets, dim, mode="mean", padding_idx=0)
+
+    def forward(self, tokens: torch.Tensor) -> torch.Tensor:
+        """Mean embedding of the non-padding tokens (and bigrams) of each row."""
+        ids = tokens.long()
+        if self.bigram_buckets and ids.shape[1] > 1:
+            left, right = ids[:, :-1], ids[:, 1:]
+            bigrams = self.vocab_size + (left * 1000003 + right) % self.bigram_buckets
+            ids = torch.cat([ids, torch.where((left != 0) & (right != 0), bigrams, 0)], dim=1)
+        return self.bag(ids)
+
+    def extra_repr(self) -> str:
+        """Show the options that decide which checkpoints fit."""
+        return f"vocab_size={self.vocab_size}, dim={self.out_dim}, bigram_buckets={self.bigram_buckets}"
+
+
+@register_encoder("text_bow")
+def text_bow(vocab_size: int, width: int = 64) -> TextBag:
+    """Bag-of-words text encoder: dim = 2 * width (128 at the standard 64) and ``vocab_size`` hashed bigram
+    buckets (twice the unigram table: cheap, and fastText's bigrams are worth a few points on topic labels)."""
+    return TextBag(vocab_size=vocab_size, dim=2 * width, bigram_buckets=vocab_size)
+
+
+# ---------------------------------------------------------------------------------------------------
+# Pretrained Hugging Face models (trainer/hf_encoders.py; transformers is imported only when one is built)
+
+
+@register_encoder("hf_text")
+def hf_text(pretrained: str = "", params: Mapping[str, Any] | None = None, max_len: int = 0, width: int = 64) -> nn.Module:
+    """A local transformers text model (BERT-style) over the shards' token ids; ``width`` is not used."""
+    from trainer.hf_encoders import build_text
+
+    return build_text(pretrained, params, max_len)
+
+
+@register_encoder("hf_vision")
+def hf_vision(pretrained: str = "", params: Mapping[str, Any] | None = None, width: int = 64) -> nn.Module:
+    """A local transformers image model (ViT, CLIP vision, ...) over frame stacks; ``width`` is not used."""
+    from trainer.hf_encoders import build_vision
+
+    return build_vision(pretrained, params)
+
+
+@register_encoder("hf_audio")
+def hf_audio(pretrained: str = "", params: Mapping[str, Any] | None = None, width: int = 64) -> nn.Module:
+    """A local Audio Spectrogram Transformer over the shards' log-mel; ``width`` is not used."""
+    from trainer.hf_encoders import build_audio
+
+    return build_audio(pretrained, params)
+
+
 # ---------------------------------------------------------------------------------------------------
 # Pretrained weights
 
@@ -266,6 +336,7 @@ class LateFusion(nn.Module):
         encoders: Mapping[str, nn.Module],
         num_classes: int,
         fusion: Fusion = "sum",
+        frozen: Iterable[str] = (),
     ) -> None:
         super().__init__()
         if fusion not in ("sum", "concat"):
@@ -280,9 +351,28 @@ class LateFusion(nn.Module):
         if fusion == "concat":
             self.fusion = nn.Linear(sum(encoders[m].out_dim for m in modalities), num_classes, bias=False)
             self.fusion_bias = nn.Parameter(torch.zeros(len(modalities), num_classes))
+        self.frozen = sorted(set(frozen))
+        unknown = [m for m in self.frozen if m not in self.encoders]
+        if unknown:
+            raise ValueError(f"cannot freeze {unknown}: not modalities of this model ({', '.join(modalities)})")
+        for m in self.frozen:
+            self.encoders[m].requires_grad_(False)
+            self.encoders[m].eval()
+
+    def train(self, mode: bool = True) -> LateFusion:
+        """Train mode, except for frozen encoders: they stay in eval mode (no dropout, fixed BatchNorm
+        statistics), so a frozen encoder computes the same features in every epoch."""
+        super().train(mode)
+        for m in self.frozen:
+            self.encoders[m].eval()
+        return self
 
     def encode(self, modality: str, x: torch.Tensor, present: torch.Tensor) -> torch.Tensor:
         """Features ``[B, out_dim]`` of one modality, computed on its present samples only; zeros elsewhere."""
+        with torch.set_grad_enabled(torch.is_grad_enabled() and modality not in self.frozen):
+            return self._encode(modality, x, present)
+
+    def _encode(self, modality: str, x: torch.Tensor, present: torch.Tensor) -> torch.Tensor:
         encoder = self.encoders[modality]
         if bool(present.all()):
             return encoder(x)
@@ -335,27 +425,82 @@ def build_model(
 ) -> LateFusion:
     """Build the late-fusion model named by a ``[model]`` config, loading pretrained encoder weights.
 
-    ``cfg_model`` is a :class:`trainer.config.ModelConfig`; ``input_specs[m]`` holds extra builder
-    arguments read from ``dataset.json`` (for text: ``vocab_size``, ``max_len``). Each encoder is built as
-    ``build_encoder(cfg_model.encoders[m], width=cfg_model.width, **input_specs[m])``.
+    ``cfg_model`` is a :class:`trainer.config.ModelConfig`; ``input_specs[m]`` holds builder arguments read
+    from ``dataset.json`` (:func:`model_input_specs`: for text ``vocab_size``, ``max_len``; for every modality
+    ``params``, its dataset.json section). Each encoder is built as ``build_encoder(cfg_model.encoders[m],
+    width=cfg_model.width, **spec)`` with the part of ``input_specs[m]`` its builder declares. A builder that
+    takes ``pretrained`` (the ``hf_*`` encoders) gets ``model.pretrained.<m>`` (a folder) itself; for the
+    others it is a state-dict file loaded with :func:`load_pretrained`. ``model.freeze.<m> = true`` freezes
+    that encoder (see :class:`LateFusion`).
     """
     specs = input_specs or {}
     encoders: dict[str, nn.Module] = {}
     for m in modalities:
         if m not in cfg_model.encoders:
             raise ValueError(f'no encoder configured for modality {m!r}; set model.encoders.{m} = "<encoder name>"')
-        encoders[m] = build_encoder(cfg_model.encoders[m], width=cfg_model.width, **specs.get(m, {}))
-        if cfg_model.pretrained.get(m):
-            load_pretrained(encoders[m], cfg_model.pretrained[m])
-    return LateFusion(modalities, encoders, num_classes, fusion=cfg_model.fusion)
+        name = cfg_model.encoders[m]
+        if name not in ENCODERS:
+            raise ValueError(f"unknown encoder {name!r}; known encoders: {', '.join(sorted(ENCODERS))}")
+        accepted = _accepted_arguments(ENCODERS[name])
+        kwargs = {k: v for k, v in specs.get(m, {}).items() if accepted is None or k in accepted}
+        pretrained = cfg_model.pretrained.get(m)
+        takes_folder = "pretrained" in (accepted or ())
+        if takes_folder:
+            kwargs["pretrained"] = pretrained or ""
+        encoders[m] = build_encoder(name, width=cfg_model.width, **kwargs)
+        if pretrained and not takes_folder:
+            load_pretrained(encoders[m], pretrained)
+    frozen = [m for m in modalities if getattr(cfg_model, "freeze", {}).get(m)]
+    return LateFusion(modalities, encoders, num_classes, fusion=cfg_model.fusion, frozen=frozen)
+
+
+def _accepted_arguments(builder: Callable[..., nn.Module]) -> set[str] | None:
+    """The keyword arguments a builder declares; None when it takes ``**kwargs`` (then it gets them all)."""
+    parameters = inspect.signature(builder).parameters.values()
+    if any(p.kind is inspect.Parameter.VAR_KEYWORD for p in parameters):
+        return None
+    return {p.name for p in parameters}
+
+
+def param_groups(model: nn.Module, model_config: Any, lr: float) -> list[dict[str, Any]]:
+    """Optimizer parameter groups for the ``[model]`` config: one per trainable encoder at
+    ``lr * model.lr_scale.<m>`` (default 1), and one for the heads and the fusion layer at ``lr``.
+
+    Frozen encoders (``model.freeze.<m> = true``; their parameters have ``requires_grad`` False since
+    :func:`build_model`) are left out, as is any other parameter that does not require a gradient. Works on
+    the DDP-wrapped model too. Each group has ``name`` (``encoders.<m>`` or ``heads``), ``params`` and ``lr``.
+    """
+    inner = getattr(model, "module", model)
+    scales = getattr(model_config, "lr_scale", {}) or {}
+    frozen = {m for m, on in (getattr(model_config, "freeze", {}) or {}).items() if on}
+    groups: list[dict[str, Any]] = []
+    in_encoders: set[int] = set()
+    for m, encoder in inner.encoders.items():
+        params = list(encoder.parameters())
+        in_encoders.update(id(p) for p in params)
+        if m in frozen:
+            encoder.requires_grad_(False)
+            continue
+        trainable = [p for p in params if p.requires_grad]
+        if trainable:
+            groups.append({"name": f"encoders.{m}", "params": trainable, "lr": lr * float(scales.get(m, 1.0))})
+    rest = [p for p in inner.parameters() if id(p) not in in_encoders and p.requires_grad]
+    if rest:
+        groups.append({"name": "heads", "params": rest, "lr": lr})
+    return groups
 
 
 def model_input_specs(info) -> dict[str, dict]:
-    """Extra encoder arguments read from dataset.json (`trainer.models.build_model(input_specs=...)`):
-    the text encoder's vocabulary size and sequence length."""
-    if "text" not in info.modalities:
-        return {}
-    return {"text": {"vocab_size": int(info.text["vocab_size"]), "max_len": int(info.text["max_len"])}}
+    """Encoder builder arguments read from dataset.json (`trainer.models.build_model(input_specs=...)`):
+    for every modality ``params``, its dataset.json section with the dataset's name added (the ``hf_*``
+    encoders check the tokenizer, mel settings and normalisation against it); for text also the vocabulary
+    size and sequence length. :func:`build_model` hands each builder only the arguments it declares."""
+    specs: dict[str, dict] = {}
+    for m in info.modalities:
+        specs[m] = {"params": dict(getattr(info, m), dataset=info.dataset)}
+    if "text" in info.modalities:
+        specs["text"].update(vocab_size=int(info.text["vocab_size"]), max_len=int(info.text["max_len"]))
+    return specs
 
 
 def model_for_dataset(model_config, info) -> LateFusion:

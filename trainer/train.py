@@ -9,6 +9,7 @@ the best weights per target (`recipe.selection_metrics`) and stops after `patien
 The only Ray calls are `get_context`, `get_checkpoint`, `report` and `prepare_model`."""
 from __future__ import annotations
 
+import dataclasses
 import json
 import logging
 import os
@@ -34,8 +35,9 @@ from trainer.checkpoint import (
     unwrap,
 )
 from trainer.config import Config, config_from_dict
-from trainer.models import LateFusion, model_for_dataset
+from trainer.models import LateFusion, model_for_dataset, param_groups
 from trainer.recipe import Schedule, Stage
+from trainer.tracking import Tracker
 
 log = logging.getLogger(__name__)
 LOG_EVERY = 10
@@ -43,13 +45,15 @@ BEST_FILE = "best.pt"
 
 
 def build_optimizer(config: Config, stage: Stage, model: torch.nn.Module):
-    """The optimizer of `[train]` at the stage's lr, with its lr steps; returns it, the scheduler and the schedule."""
+    """The optimizer of `[train]` at the stage's lr (the heads' group; each encoder's is scaled by
+    `model.lr_scale`), with its lr steps; returns it, the scheduler and the schedule."""
     plan = recipe.schedule(config, stage)
+    groups = param_groups(model, config.model, plan.lr)  # per encoder: model.lr_scale; frozen ones left out
     if config.train.optimizer == "sgd":
-        optimizer = torch.optim.SGD(model.parameters(), lr=plan.lr, momentum=config.train.momentum,
+        optimizer = torch.optim.SGD(groups, lr=plan.lr, momentum=config.train.momentum,
                                     weight_decay=config.train.weight_decay)
     else:
-        optimizer = torch.optim.AdamW(model.parameters(), lr=plan.lr, weight_decay=config.train.weight_decay)
+        optimizer = torch.optim.AdamW(groups, lr=plan.lr, weight_decay=config.train.weight_decay)
     scheduler = torch.optim.lr_scheduler.MultiStepLR(optimizer, milestones=list(plan.lr_milestones),
                                                      gamma=plan.lr_gamma)
     return optimizer, scheduler, plan
@@ -229,6 +233,10 @@ def train_loop_per_worker(loop_config: dict) -> None:
     val_loader = make_loader(config.data.dataset_dir, config.eval.val_split, config.data.batch_size, **loader_args)
     amp = config.train.amp == "bf16"
     every = config.train.checkpoint_every_steps
+    tracker = None
+    if rank == 0 and loop_config.get("metrics_path"):  # TensorBoard (and MLflow) beside metrics.jsonl
+        tracker = Tracker(Path(loop_config["metrics_path"]).parent, stage.name, **dataclasses.asdict(config.track),
+                          start_epoch=start_epoch, steps_per_epoch=len(train_loader), params=loop_config["config"])
 
     def save(metrics: dict, epochs_done: int, progress: dict | None = None) -> None:
         """A checkpoint of every rank (rank 0 writes the model), reported to Ray Train."""
@@ -262,6 +270,8 @@ def train_loop_per_worker(loop_config: dict) -> None:
             loss_sum += loss.float() * n
             steps += 1
             seen += n
+            if tracker is not None and tracker.log_every_steps and steps % tracker.log_every_steps == 0:
+                tracker.log_step(epoch, steps, loss.item())
             tick = time.perf_counter()
             if rank == 0 and steps % LOG_EVERY == 0:
                 log.info("[%s] epoch %d step %d loss %.4f %.1f samples/s data wait %.0f%%", stage.name, epoch, steps,
@@ -278,7 +288,7 @@ def train_loop_per_worker(loop_config: dict) -> None:
         elapsed = before + time.perf_counter() - started
         metrics = {"stage": stage.name, "epoch": epoch + 1, "train_loss": float(loss_sum) / max(seen, 1),
                    "samples_per_s": seen * world / elapsed, "data_wait_fraction": wait / elapsed,
-                   "lr": optimizer.param_groups[0]["lr"], "world_size": world}
+                   "lr": optimizer.param_groups[-1]["lr"], "world_size": world}
         metrics.update(validate(model, val_loader, device, info.modalities, info.multilabel))
         finished = epoch + 1 == plan.limit
         if stopper is not None:
@@ -297,9 +307,13 @@ def train_loop_per_worker(loop_config: dict) -> None:
                 log.info("[%s] early stopping after epoch %d keeps %s", stage.name, epoch + 1,
                          ", ".join(f"{t} from epoch {e}" for t, e in metrics["kept_epochs"].items()))
             _append_metrics(loop_config.get("metrics_path"), metrics)
+            if tracker is not None:
+                tracker.log_epoch(metrics)
         save(metrics, epoch + 1)
         if finished:
             break
+    if tracker is not None:
+        tracker.close()
 
 
 def extend_milestones(scheduler, optimizer, plan: Schedule, start_epoch: int) -> None:
