@@ -40,11 +40,13 @@ class Method:
 
 
 def standard_methods(checkpoints: dict[str, str], modalities: list[str]) -> list[Method]:
-    """The rows of METHOD.md's table: uni-modal models, joint, joint + dropout, UME, UME-MMA."""
+    """The rows of METHOD.md's table: uni-modal models, joint, joint + dropout (when trained), UME, UME-MMA,
+    and UME with branch weights fitted on validation."""
     methods = [Method(f"{m}-only", checkpoints["unimodal"], only=m) for m in modalities]
-    methods += [Method("joint late fusion", checkpoints["joint"]),
-                Method("joint + modality dropout", checkpoints["joint_dropout"]),
-                Method("UME", checkpoints["unimodal"]),
+    methods += [Method(name, checkpoints[stage]) for name, stage in (("joint late fusion", "joint"),
+                                                                     ("joint + modality dropout", "joint_dropout"))
+                if stage in checkpoints]  # baselines: left out when not trained
+    methods += [Method("UME", checkpoints["unimodal"]),
                 Method("UME-MMA", checkpoints["mma"]),
                 Method(WEIGHTED_UME, checkpoints["unimodal"], weighted=True)]
     return methods

@@ -258,6 +258,7 @@ def run_recipe(config: Config, stages: list[str], progress: Progress | None = No
     if "eval" not in stages:
         return None
     progress.current = "eval"
+    skipped = []
     for stage in recipe.RECIPE:  # eval scores every stage: those not trained in this run must be there already
         if stage.name in checkpoints:
             continue
@@ -267,6 +268,9 @@ def run_recipe(config: Config, stages: list[str], progress: Progress | None = No
             raise ConfigError(f"eval needs the {stage.name} stage trained from the current {stage.init_from} "
                               f"checkpoint; run --stages {stage.name},eval --set ray.resume=extend")
         done = finished_checkpoint(run_dir, recipe.schedule(config, stage))
+        if done is None and stage.baseline:
+            skipped.append(stage.name)
+            continue
         if done is None:
             raise ConfigError(f"eval needs the {stage.name} stage; run it first (--stages {stage.name})")
         checkpoints[stage.name] = done
@@ -282,7 +286,11 @@ def run_recipe(config: Config, stages: list[str], progress: Progress | None = No
     results["chosen"] = choice
     results["stages"] = {name: {"epochs": int(state["epoch"]), "kept_epochs": state["metrics"].get("kept_epochs")}
                          for name, state in states.items()}
+    if skipped:
+        results["skipped_stages"] = skipped
     notes = [*method_claims(results), recipe.choice_note(choice), *kept_epochs_notes(results["stages"]),
+             *([f"baselines not trained, so not in the table: {', '.join(skipped)} (add them to --stages)"]
+               if skipped else []),
              f"checkpoints: {', '.join(f'{k}={v}' for k, v in checkpoints.items())}"]
     results_dir = storage / config.ray.run_name / "results"
     md = write_results(results, results_dir, notes)

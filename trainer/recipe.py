@@ -46,15 +46,16 @@ class Stage:
     augment: Literal["none", "mma", "modality_dropout"]
     init_from: str | None = None  # the stage whose final checkpoint this one starts from
     settings: tuple[str, ...] = ()  # keys of its own table, beyond the schedule, that decide what it trains
+    baseline: bool = False  # a comparison row: `eval` goes on without it (a note says so) when it was not trained
 
 
 RECIPE: tuple[Stage, ...] = (
     Stage("unimodal", "UME: every branch trained with its own loss in one pass", "per_branch", "none"),
     Stage("mma", "UME-MMA: the UME model fine-tuned on the fused loss with missing-modality augmentation",
           "fused", "mma", init_from="unimodal", settings=("scheme", "drop_probs")),
-    Stage("joint", "baseline: the fused model trained from scratch", "fused", "none"),
+    Stage("joint", "baseline: the fused model trained from scratch", "fused", "none", baseline=True),
     Stage("joint_dropout", "baseline: the fused model from scratch with per-modality dropout", "fused",
-          "modality_dropout", settings=("rate",)),
+          "modality_dropout", settings=("rate",), baseline=True),
 )
 STAGES: dict[str, Stage] = {s.name: s for s in RECIPE}
 
