@@ -22,8 +22,9 @@ from shards.loader import make_loader  # noqa: E402
 from shards.masks import parse_scenario, scenario_keep  # noqa: E402
 from trainer.checkpoint import save_state  # noqa: E402
 from trainer.config import Config, DataConfig, EvalConfig, ModelConfig  # noqa: E402
-from trainer.evaluate import Method, evaluate, score  # noqa: E402
+from trainer.evaluate import Method, evaluate  # noqa: E402
 from trainer.export import ModelLoadError, export_checkpoint, load_model, save_model  # noqa: E402
+from trainer.metrics import score  # noqa: E402
 from trainer.models import model_for_dataset  # noqa: E402
 
 SPLIT = "train"  # the kinetics_sound fixture's train split has clips without audio (natural missingness)

@@ -24,6 +24,7 @@ from shards.masks import parse_scenario, scenario_keep
 from trainer.baselines import DESCRIPTIONS, baseline_name, fit_baselines, summarize
 from trainer.checkpoint import load_state, load_weights
 from trainer.config import Config
+from trainer.metrics import score
 from trainer.models import LateFusion, model_for_dataset
 
 log = logging.getLogger(__name__)
@@ -125,19 +126,6 @@ def _features(models: dict[str, LateFusion], loader, device: torch.device,
         has.append(batch["present"])
     cat = {c: {m: torch.cat(v) for m, v in per.items()} for c, per in feats.items()}
     return cat, {m: np.concatenate(v) for m, v in inputs.items()}, keys, torch.cat(labels), torch.cat(has)
-
-
-def score(logits: torch.Tensor, labels: torch.Tensor, multilabel: bool) -> dict[str, float]:
-    """Accuracy, or F1-macro and F1-micro for multi-label."""
-    if not multilabel:
-        return {"acc": float((logits.argmax(1) == labels).float().mean())}
-    pred, truth = logits > 0, labels > 0.5
-    tp = (pred & truth).sum(0).float()
-    fp = (pred & ~truth).sum(0).float()
-    fn = (~pred & truth).sum(0).float()
-    f1 = 2 * tp / (2 * tp + fp + fn).clamp(min=1)
-    micro = 2 * tp.sum() / (2 * tp.sum() + fp.sum() + fn.sum()).clamp(min=1)
-    return {"f1_macro": float(f1.mean()), "f1_micro": float(micro)}
 
 
 def evaluate(config: Config, methods: list[Method], device: torch.device | None = None) -> dict:

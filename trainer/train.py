@@ -35,6 +35,7 @@ from trainer.checkpoint import (
     unwrap,
 )
 from trainer.config import Config, config_from_dict
+from trainer.metrics import counts, scores
 from trainer.models import LateFusion, model_for_dataset, param_groups
 from trainer.recipe import Schedule, Stage
 from trainer.tracking import Tracker
@@ -79,33 +80,27 @@ def train_step(model: torch.nn.Module, batch: dict, optimizer: torch.optim.Optim
 
 @torch.no_grad()
 def validate(model: torch.nn.Module, loader, device: torch.device, modalities: list[str], multilabel: bool) -> dict:
-    """Fused and per-branch accuracy (or micro-F1 for multi-label) on this worker's part, summed over workers."""
+    """Fused and per-branch accuracy (micro-F1 for multi-label) on this worker's part, summed over workers:
+    `val_acc` and `val_acc_<m>_branch` (the branch alone, on the samples that have its modality)."""
     model.eval()
-    counts = torch.zeros(2 + 2 * len(modalities), dtype=torch.float64, device=device)
+    classes = unwrap(model).num_classes
+    shape = (1 + len(modalities), 3, classes) if multilabel else (1 + len(modalities), 2)
+    tally = torch.zeros(shape, dtype=torch.float64, device=device)  # every worker reduces the same shape
     for batch in loader:
         batch = to_device(batch, device)
         out = model(batch)
-        counts[:2] += _correct(out["logits"], batch["label"], multilabel)
+        tally[0] += counts(out["logits"], batch["label"], multilabel, classes)
         for i, m in enumerate(modalities):
             rows = batch["present"][:, i]
-            counts[2 + 2 * i: 4 + 2 * i] += _correct(out["unimodal"][m][rows], batch["label"][rows], multilabel)
+            tally[1 + i] += counts(out["unimodal"][m][rows], batch["label"][rows], multilabel, classes)
     if dist.is_available() and dist.is_initialized():
-        dist.all_reduce(counts)
-    counts = counts.cpu()
+        dist.all_reduce(tally)  # on the device: NCCL reduces CUDA tensors only
     model.train()
-    metrics = {"val_acc": float(counts[0] / max(counts[1], 1))}
+    key = "f1_micro" if multilabel else "acc"
+    metrics = {"val_acc": scores(tally[0], multilabel)[key]}
     for i, m in enumerate(modalities):
-        metrics[f"val_acc_{m}_branch"] = float(counts[2 + 2 * i] / max(counts[3 + 2 * i], 1))
+        metrics[f"val_acc_{m}_branch"] = scores(tally[1 + i], multilabel)[key]
     return metrics
-
-
-def _correct(logits: torch.Tensor, label: torch.Tensor, multilabel: bool) -> torch.Tensor:
-    """(correct, total) on the device: for multi-label, twice the true positives and predicted + true positives."""
-    if multilabel:
-        pred, truth = logits > 0, label > 0.5
-        return torch.stack([(pred & truth).sum().double() * 2, (pred.sum() + truth.sum()).double()])
-    return torch.stack([(logits.argmax(1) == label).sum().double(),
-                        torch.tensor(float(len(label)), dtype=torch.float64, device=logits.device)])
 
 
 def make_model(config: Config, info) -> LateFusion:
