@@ -11,7 +11,7 @@ a build cannot avoid, so encoding, checking and writing should add at most a qua
 
 Corpora: `kinetics` (default) writes Kinetics-400-shaped clips with benchmarks/corpus.py (10 s, 340x256
 H.264 at 30 fps, 44.1 kHz stereo AAC, Kinetics-400 layout) and builds `kinetics_sound`; `demo` makes the
-av_digits demo corpus with `pipeline.demo.make_demo` and builds `av_digits`; `--src DIR --dataset NAME`
+av_digits demo corpus (corpus.make_demo_corpus) and builds `av_digits`; `--src DIR --dataset NAME`
 measures an existing raw corpus. Writes OUT/build.json and OUT/build.png.
 """
 from __future__ import annotations
@@ -28,7 +28,7 @@ from statistics import median
 
 from matplotlib.figure import Figure
 
-from corpus import CLIP, make_corpus  # benchmarks/ is on sys.path when a script there runs
+from corpus import CLIP, make_corpus, make_demo_corpus  # benchmarks/ is on sys.path when a script there runs
 from figure import save
 from machine import load_average, machine_info, machine_label
 from pipeline.adapters import ADAPTERS
@@ -36,16 +36,6 @@ from pipeline.build import BuildOptions, build_shards
 from pipeline.decode import DecodeError, decode_clip
 
 TARGET_RATIO = 0.8  # target: build clips/s >= 0.8 x decode-only clips/s
-
-
-# --------------------------------------------------------------------------------------------- corpora
-
-def make_demo_corpus(root: Path, clips: int, workers: int) -> Path:
-    """The av_digits demo corpus with `clips` train clips (pipeline.demo.make_demo resumes/reuses)."""
-    from pipeline.demo import make_demo
-
-    make_demo(root, n_train=clips, n_val=0, n_test=0, seed=0, workers=workers, progress=False)
-    return root
 
 
 # ----------------------------------------------------------------------------------------- measurement
@@ -114,8 +104,6 @@ def run(args: argparse.Namespace) -> dict:
     gen_workers = max(args.workers)
     if args.src:
         src, dataset, corpus = Path(args.src), args.dataset, {"name": args.dataset, "src": str(args.src)}
-        if not dataset:
-            sys.exit("error: --src needs --dataset (one of " + ", ".join(sorted(ADAPTERS)) + ")")
     elif args.corpus == "kinetics":
         src = make_corpus(out / f"raw-kinetics-{args.clips}", args.clips, workers=gen_workers)
         dataset, corpus = "kinetics_sound", {"name": "kinetics-shaped", **CLIP}
@@ -182,6 +170,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     args = parser.parse_args(argv)
     if args.clips <= 0 or args.repeats <= 0 or min(args.workers) <= 0 or args.shard_size <= 0:
         parser.error("--clips, --repeats, --workers and --shard-size must be positive")
+    if args.src and args.dataset not in ADAPTERS:
+        parser.error(f"--src needs --dataset, one of {', '.join(sorted(ADAPTERS))}")
     return args
 
 

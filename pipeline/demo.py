@@ -42,6 +42,8 @@ import numpy as np
 from PIL import Image
 from tqdm import tqdm
 
+from shards.writer import atomic_write, atomic_write_bytes
+
 log = logging.getLogger(__name__)
 
 CLASS_NAMES = ("zero", "one", "two", "three", "four", "five", "six", "seven", "eight", "nine")
@@ -165,7 +167,7 @@ def make_demo(
                 bar.update()
 
     _write_annotations(out, plan)
-    (out / "classes.txt").write_text("".join(f"{name}\n" for name in CLASS_NAMES))
+    atomic_write_bytes(out / "classes.txt", "".join(f"{name}\n" for name in CLASS_NAMES).encode())
     counts = {split: sum(c.split == split for c in plan) for split in SPLITS}
     without_audio = sum(not c.has_audio for c in plan)
     _write_readme(out, counts, without_audio, seed)
@@ -377,10 +379,8 @@ def _write_clip(job: tuple[ClipPlan, np.ndarray, np.ndarray | None, int, Path]) 
     rng = np.random.default_rng([seed, _RENDER, SPLITS.index(clip.split), clip.index])
     frames = render_frames(digit, rng)
     audio = mix_audio(speech, rng) if clip.has_audio else None
-    final = out / clip.split / f"{clip.clip_id}.mp4"
-    partial = final.with_suffix(".part")
-    write_clip_mp4(partial, frames, audio)
-    os.replace(partial, final)
+    with atomic_write(out / clip.split / f"{clip.clip_id}.mp4") as partial:
+        write_clip_mp4(partial, frames, audio)
     return clip.clip_id
 
 
@@ -394,7 +394,7 @@ def _claim_output_dir(out: Path, params: dict) -> None:
             f"use another --out or delete it to make one with {json.dumps(params)}"
         )
     out.mkdir(parents=True, exist_ok=True)
-    record.write_text(json.dumps(params) + "\n")
+    atomic_write_bytes(record, (json.dumps(params) + "\n").encode())
 
 
 def _write_annotations(out: Path, plan: list[ClipPlan]) -> None:
@@ -402,20 +402,17 @@ def _write_annotations(out: Path, plan: list[ClipPlan]) -> None:
     (out / "annotations").mkdir(exist_ok=True)
     for split in SPLITS:
         clips = sorted((c for c in plan if c.split == split), key=lambda c: c.clip_id)
-        path = out / "annotations" / f"{split}.csv"
-        partial = path.with_suffix(".part")
-        with partial.open("w", newline="") as handle:
+        with atomic_write(out / "annotations" / f"{split}.csv") as partial, partial.open("w", newline="") as handle:
             writer = csv.writer(handle, lineterminator="\n")
             writer.writerow(CSV_COLUMNS)
             for c in clips:
                 heard = (c.speaker.voice, c.speaker.rate, c.speaker.pitch) if c.has_audio else ("", "", "")
                 writer.writerow((c.clip_id, c.label, c.split, *heard, int(c.has_audio)))
-        os.replace(partial, path)
 
 
 def _write_readme(out: Path, counts: dict[str, int], without_audio: int, seed: int) -> None:
     """A one-paragraph description of what the corpus is and how it was made."""
-    (out / "README.txt").write_text(
+    atomic_write_bytes(out / "README.txt", (
         "av_digits is a small audio-visual demo corpus made offline by `pipeline make-demo av_digits` "
         f"(seed {seed}; train {counts['train']}, val {counts['val']}, test {counts['test']} clips; "
         f"{without_audio} clips have no audio track). Each clip is a {CLIP_SECONDS:g} s, {FPS} fps, "
@@ -427,4 +424,4 @@ def _write_readme(out: Path, counts: dict[str, int], without_audio: int, seed: i
         "voices (accent, variant, rate, pitch) come from one pool and test voices from a disjoint pool, so "
         "the audio test set is unseen speakers. Labels are in annotations/<split>.csv "
         "(clip_id,label,split,voice,rate,pitch,has_audio) and index classes.txt.\n"
-    )
+    ).encode())

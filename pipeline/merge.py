@@ -2,7 +2,6 @@
 rejects.parquet and dataset.json."""
 from __future__ import annotations
 
-import os
 from collections import Counter
 from dataclasses import asdict
 from pathlib import Path
@@ -13,7 +12,7 @@ import pyarrow.parquet as pq
 from pipeline.adapters import Corpus
 from pipeline.options import BuildOptions
 from shards.format import DatasetInfo, ShardInfo
-from shards.writer import atomic_write_bytes
+from shards.writer import atomic_write, atomic_write_bytes
 
 
 def reject_table(rejects: list[dict]) -> pa.Table:
@@ -95,6 +94,6 @@ def _label_name(corpus: Corpus, row: dict) -> str:
 
 
 def write_parquet(path: Path, table: pa.Table) -> None:
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    pq.write_table(table, tmp, compression="zstd")
-    os.replace(tmp, path)
+    """`table` as zstd Parquet, written atomically."""
+    with atomic_write(path) as tmp:
+        pq.write_table(table, tmp, compression="zstd")

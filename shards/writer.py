@@ -8,20 +8,34 @@ import hashlib
 import io
 import os
 import tarfile
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 TAR_BLOCK = 512
 INDEX_VERSION = "v1.2"
 
 
-def atomic_write_bytes(path: Path, data: bytes) -> None:
-    """Write to a temporary name beside `path`, fsync, then rename over it."""
+@contextmanager
+def atomic_write(path: Path) -> Iterator[Path]:
+    """A temporary path beside `path` (`.<name>.tmp-<pid>`, what a rerun of the build clears) for any writer to
+    fill: pyarrow, PyAV, an ffmpeg process. When the block ends it is fsynced and renamed over `path`, so readers
+    see the old file or the whole new one; when the block raises it is removed."""
     tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    with open(tmp, "wb") as f:
-        f.write(data)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
+    try:
+        yield tmp
+        with open(tmp, "rb") as written:  # fsync reaches the file's data whichever descriptor wrote it
+            os.fsync(written.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+
+
+def atomic_write_bytes(path: Path, data: bytes) -> None:
+    """Write `data` to `path` through `atomic_write`."""
+    with atomic_write(path) as tmp:
+        tmp.write_bytes(data)
 
 
 class ShardWriter:

@@ -1,10 +1,12 @@
-"""Benchmark helpers that change what is measured: the tiled view of a dataset (longer epochs, same data), and
-the loader benchmark's peers (the research code's loader, plain webdataset, the decoding floor) on a tiny corpus."""
+"""Benchmark helpers that change what is measured: the tiled view of a dataset (longer epochs, same data), the
+loader benchmark's peers (the research code's loader, plain webdataset, the decoding floor) on a tiny corpus, and
+the build benchmark on a corpus from the benchmarks' generator."""
 from __future__ import annotations
 
 import importlib
 import importlib.util
 import json
+import shutil
 import subprocess
 import sys
 import time
@@ -139,3 +141,39 @@ def test_the_loader_benchmark_counts_the_cpu_time_of_workers_still_alive(monkeyp
     finally:
         worker.kill()
         worker.wait()
+
+
+# ------------------------------------------------------------------ the build benchmark and its corpus generator
+@pytest.mark.skipif(not (shutil.which("espeak-ng") and shutil.which("ffmpeg")), reason="needs espeak-ng and ffmpeg")
+def test_the_build_benchmark_times_build_and_decode_floor_on_a_generated_corpus(tmp_path: Path,
+                                                                                 monkeypatch: pytest.MonkeyPatch) -> None:
+    """benchmarks/build.py on the demo corpus that corpus.make_demo_corpus generates (the benchmarks' one
+    generator for it): both timings per worker count, their ratio, build.json and build.png."""
+    build = bench_module("build", monkeypatch)
+    assert build.make_demo_corpus is bench_module("corpus", monkeypatch).make_demo_corpus
+    assert build.main(["--out", str(tmp_path), "--corpus", "demo", "--clips", "3", "--workers", "1",
+                       "--repeats", "1", "--shard-size", "2"]) == 0
+    result = json.loads((tmp_path / "build.json").read_text())
+    assert (tmp_path / "build.png").stat().st_size > 0
+    assert result["corpus"] == {"name": "av_digits", "clips": 3, "dataset": "av_digits",
+                                "src": str(tmp_path / "raw-demo-3")}
+    (row,) = result["results"]
+    assert row["workers"] == 1 and row["build_clips_per_s"] > 0 and row["floor_clips_per_s"] > 0
+    assert row["ratio"] == pytest.approx(row["build_clips_per_s"] / row["floor_clips_per_s"], abs=0.01)
+    assert not (tmp_path / "shards").exists()  # each timed build starts from nothing and is removed
+
+    refused = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "build.py"), "--out", str(tmp_path),
+                              "--src", str(tmp_path / "raw-demo-3")], capture_output=True, text=True, timeout=120)
+    assert refused.returncode == 2 and "--src needs --dataset" in refused.stderr, refused.stderr
+
+
+def test_a_benchmark_clip_whose_ffmpeg_fails_leaves_no_file(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Clips are written through shards.writer.atomic_write: a failed ffmpeg leaves neither a truncated clip (which
+    a rerun would keep) nor a temporary file."""
+    def half_written_then_fails(ffmpeg: str, index: int, seed: int, out: Path) -> list[str]:
+        return ["sh", "-c", f"printf 'half an mp4' > '{out}'; exit 1"]
+
+    monkeypatch.setattr(corpus, "ffmpeg_command", half_written_then_fails)
+    with pytest.raises(subprocess.CalledProcessError):
+        corpus.write_clip("ffmpeg", 0, 0, tmp_path / "clip.mp4")
+    assert list(tmp_path.iterdir()) == []

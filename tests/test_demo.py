@@ -1,7 +1,8 @@
-"""The av_digits demo corpus: layout, annotations, streams, unseen test voices, determinism and resume."""
+"""The av_digits demo corpus: layout, annotations, streams, unseen test voices, determinism, resume, atomic clips."""
 from __future__ import annotations
 
 import csv
+import dataclasses
 import shutil
 from pathlib import Path
 
@@ -9,6 +10,7 @@ import av
 import numpy as np
 import pytest
 
+from pipeline import demo
 from pipeline.demo import CLASS_NAMES, CSV_COLUMNS, SPLITS, load_mnist_5k, make_demo, plan_corpus
 
 SIZES = {"n_train": 12, "n_val": 4, "n_test": 8}
@@ -134,3 +136,19 @@ def test_missing_espeak_says_how_to_install(tmp_path, monkeypatch):
     monkeypatch.setattr("pipeline.demo.shutil.which", lambda name: None)
     with pytest.raises(RuntimeError, match="apt-get install -y espeak-ng"):
         make_demo(tmp_path / "never", **SIZES, progress=False)
+
+
+def test_a_clip_whose_encoding_fails_leaves_no_partial_file(tmp_path, monkeypatch):
+    """Clips are written through shards.writer.atomic_write: an encoder that dies half-way leaves neither a
+    truncated clip (which a rerun would keep as done) nor a temporary file."""
+    def dies_half_way(path: Path, frames: np.ndarray, audio: np.ndarray | None) -> None:
+        path.write_bytes(b"half an mp4")
+        raise RuntimeError("encoder died")
+
+    monkeypatch.setattr(demo, "write_clip_mp4", dies_half_way)
+    images, labels = load_mnist_5k()
+    clip = dataclasses.replace(plan_corpus(labels, {"train": 1, "val": 0, "test": 0}, seed=0)[0], has_audio=False)
+    (tmp_path / clip.split).mkdir()
+    with pytest.raises(RuntimeError, match="encoder died"):
+        demo._write_clip((clip, images[clip.image_index], None, 0, tmp_path))
+    assert list((tmp_path / clip.split).iterdir()) == []
