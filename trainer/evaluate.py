@@ -21,6 +21,7 @@ from tqdm import tqdm
 from shards.format import read_dataset_info
 from shards.loader import make_loader
 from shards.masks import parse_scenario, scenario_keep
+from shards.writer import atomic_write_bytes
 from trainer.baselines import DESCRIPTIONS, baseline_name, fit_baselines, summarize
 from trainer.checkpoint import load_state, load_weights
 from trainer.config import Config
@@ -193,7 +194,7 @@ def write_results(results: dict, out_dir: Path, notes: list[str]) -> Path:
     """results.json, results.md (table) and missing_rate.png; returns the markdown path."""
     out_dir.mkdir(parents=True, exist_ok=True)
     results = dict(results, notes=notes)
-    (out_dir / "results.json").write_text(json.dumps(results, indent=2) + "\n")
+    atomic_write_bytes(out_dir / "results.json", (json.dumps(results, indent=2) + "\n").encode())
     metrics = ["f1_macro", "f1_micro"] if results["multilabel"] else ["acc"]
     scenarios = results["scenarios"]
     lines = []
@@ -214,7 +215,7 @@ def write_results(results: dict, out_dir: Path, notes: list[str]) -> Path:
                   "; scored like the uni-modal models (a sample without the modality gets zero logits).", ""]
     lines += [f"- {n}" for n in notes]
     md = out_dir / "results.md"
-    md.write_text("\n".join(lines) + "\n")
+    atomic_write_bytes(md, ("\n".join(lines) + "\n").encode())
     _plot(results, metric, out_dir / "missing_rate.png")
     return md
 

@@ -20,13 +20,13 @@ from __future__ import annotations
 import hashlib
 import inspect
 import json
-import os
 from pathlib import Path
 from types import SimpleNamespace
 from typing import Any
 
 import torch
 
+from shards.writer import atomic_write, atomic_write_bytes
 from trainer.models import ENCODERS, LateFusion, build_model, model_input_specs
 
 WEIGHTS_FILE = "model.safetensors"
@@ -53,8 +53,9 @@ def save_model(model: torch.nn.Module, info: Any, config: Any, out_dir: str | Pa
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     state = {k: v.detach().to("cpu").contiguous() for k, v in model.state_dict().items()}
-    weights_tmp = out / f".{WEIGHTS_FILE}.tmp"
-    save_file(state, str(weights_tmp), metadata={"format": "pt", "name": name})
+    with atomic_write(out / WEIGHTS_FILE) as weights_tmp:
+        save_file(state, str(weights_tmp), metadata={"format": "pt", "name": name})
+        sha256 = _sha256(weights_tmp)
     meta = {
         "format_version": MODEL_JSON_VERSION,
         "name": name,
@@ -66,13 +67,10 @@ def save_model(model: torch.nn.Module, info: Any, config: Any, out_dir: str | Pa
         "input_specs": model_input_specs(info),
         "inputs": {"crop": int(config.data.crop_size), "scenario_seed": int(config.eval.seed)},
         "shards": {m: _plain(getattr(info, m)) for m in info.modalities},
-        "weights_sha256": _sha256(weights_tmp),
+        "weights_sha256": sha256,
         "extra": _plain(extra or {}),
     }
-    meta_tmp = out / f".{META_FILE}.tmp"
-    meta_tmp.write_text(json.dumps(meta, indent=2) + "\n")
-    os.replace(weights_tmp, out / WEIGHTS_FILE)
-    os.replace(meta_tmp, out / META_FILE)
+    atomic_write_bytes(out / META_FILE, (json.dumps(meta, indent=2) + "\n").encode())  # last: the folder is whole
     return out
 
 

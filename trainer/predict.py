@@ -21,7 +21,6 @@ from __future__ import annotations
 import argparse
 import json
 import logging
-import os
 import sys
 from pathlib import Path
 
@@ -32,6 +31,7 @@ from tqdm import tqdm
 from shards.format import FormatError, read_dataset_info
 from shards.loader import make_loader
 from shards.masks import ScenarioError, parse_scenario, scenario_keep
+from shards.writer import atomic_write
 from trainer.export import ModelLoadError, load_model, read_meta
 
 log = logging.getLogger("trainer.predict")
@@ -146,9 +146,8 @@ def predict(model_dir: str | Path, shards_dir: str | Path, out: str | Path, *, s
     table = pa.table(columns).replace_schema_metadata({"ume_mma": json.dumps(record)})
     out = Path(out)
     out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out.with_name(f".{out.name}.tmp")
-    pq.write_table(table, tmp, compression="zstd")
-    os.replace(tmp, out)
+    with atomic_write(out) as tmp:
+        pq.write_table(table, tmp, compression="zstd")
     if nothing.any():
         log.info("%d of %d samples have no modality left (%s); their probabilities are uniform and pred is null",
                  int(nothing.sum()), len(keys), ", ".join(specs))

@@ -25,6 +25,7 @@ import torch.distributed as dist
 
 from shards.format import read_dataset_info
 from shards.loader import make_loader
+from shards.writer import atomic_write_bytes
 from trainer import recipe
 from trainer.checkpoint import (
     load_loader_state,
@@ -349,8 +350,6 @@ def restart_metrics(path: str | None, stage: str, start_epoch: int) -> None:
             keep.append(line)
     if len(keep) == len(lines):
         return
-    tmp = Path(f"{path}.tmp")
-    tmp.write_text("".join(line + "\n" for line in keep))
-    tmp.replace(path)
+    atomic_write_bytes(Path(path), "".join(line + "\n" for line in keep).encode())
     log.info("[%s] metrics.jsonl: dropped %d row(s) after epoch %d, which are trained again", stage,
              len(lines) - len(keep), start_epoch)
