@@ -52,7 +52,7 @@ from trainer.config import Config, load_config
 from trainer.launch import absolute, run_stage
 from trainer.recipe import STAGES
 from trainer.resources import AUTO_MAX_CPUS_PER_WORKER
-from trainer.train import build_optimizer, make_model, to_device, train_step
+from trainer.train import build_optimizer, make_model, speed_up, to_device, train_step
 
 log = logging.getLogger("benchmarks.train")
 ROOT = Path(__file__).resolve().parent.parent
@@ -146,7 +146,7 @@ def step_benchmark(config: Config, device: torch.device, amp: bool, batches: int
                          device="gpu" if gpu else "cpu", train=True, seed=config.train.seed,
                          crop=config.data.crop_size, min_crop_area=config.data.min_crop_area, flip=config.data.flip,
                          num_workers=config.data.num_workers, device_id=device.index if gpu else None)
-    model = make_model(config, info).to(device)
+    model = speed_up(make_model(config, info).to(device), config)  # train.channels_last, train.compile
     optimizer, _, _ = build_optimizer(config, STAGES[STAGE], model)
     model.train()
     torch.set_num_threads(max(1, int(config.ray.cpus_per_worker)))  # as one Ray worker: oversubscribed OpenMP crawls

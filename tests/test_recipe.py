@@ -52,3 +52,28 @@ def test_the_choice_between_ume_and_ume_mma_is_a_record() -> None:
     tie = recipe.choose({"val_acc": 0.9}, {"val_acc": 0.9}, checkpoints, "val", multilabel=True)
     assert (tie["model"], tie["metric"], tie["checkpoint"]) == ("UME", "f1_micro", "/runs/u/checkpoint_1")
     assert recipe.choice_note(tie).endswith("UME 90.0, UME-MMA 90.0 -> keep UME")
+
+
+def test_channels_last_and_compile_keep_the_weights_and_the_outputs() -> None:
+    """`train.channels_last` / `train.compile` change how the step runs, not the model: same state-dict names
+    and values, and (channels-last) the same outputs."""
+    import dataclasses
+
+    from trainer.config import ModelConfig, TrainConfig
+    from trainer.models import build_model
+    from trainer.train import speed_up
+
+    cfg = ModelConfig(width=4, encoders={"visual": "resnet18_frames", "audio": "resnet18_spec"})
+    torch.manual_seed(0)
+    plain = build_model(cfg, ["visual", "audio"], 3).eval()
+    fast = build_model(cfg, ["visual", "audio"], 3).eval()
+    fast.load_state_dict(plain.state_dict())
+    config = SimpleNamespace(train=dataclasses.replace(TrainConfig(), channels_last=True, compile=False))
+    speed_up(fast, config)
+    assert fast.encoders["visual"].conv1.weight.is_contiguous(memory_format=torch.channels_last)
+    batch = {"visual": torch.randn(2, 3, 3, 32, 32), "audio": torch.randn(2, 1, 16, 20),
+             "present": torch.ones(2, 2, dtype=torch.bool)}
+    with torch.no_grad():
+        assert torch.allclose(fast(batch)["logits"], plain(batch)["logits"], atol=1e-5)
+    speed_up(fast, SimpleNamespace(train=dataclasses.replace(TrainConfig(), compile=True)))
+    assert list(fast.state_dict()) == list(plain.state_dict())  # checkpoints of a compiled run load anywhere

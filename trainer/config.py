@@ -80,6 +80,8 @@ class TrainConfig:
     # also checkpoint every this many steps inside an epoch (0: at the end of each epoch only); a run resumed
     # from one ends exactly as an uninterrupted run would (same worker count)
     checkpoint_every_steps: int = 0
+    channels_last: bool = False  # convolutions in channels-last memory format (often faster with bf16 on GPUs)
+    compile: bool = False  # torch.compile each encoder (dynamic shapes; the first steps pay the compilation)
 
 
 @dataclass

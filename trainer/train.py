@@ -109,6 +109,17 @@ def make_model(config: Config, info) -> LateFusion:
     return model_for_dataset(config.model, info)
 
 
+def speed_up(model: LateFusion, config: Config) -> LateFusion:
+    """`train.channels_last` and `train.compile`, applied in place: the state dict's names and values stay
+    those of the plain model, so checkpoints and exports are the same either way."""
+    if config.train.channels_last:
+        model.to(memory_format=torch.channels_last)
+    if config.train.compile:
+        for encoder in model.encoders.values():  # the heavy part; the masking around it stays eager
+            encoder.compile(dynamic=True)
+    return model
+
+
 def may_skip_branch(stage: Stage, info, fusion: str) -> bool:
     """Whether a step can leave some parameters without a gradient (DDP then needs find_unused_parameters):
     a modality absent from a whole batch (augmentation or natural missingness) skips its encoder, and with
@@ -177,6 +188,7 @@ def train_loop_per_worker(loop_config: dict) -> None:
         load_weights(model, load_state(init), init)
         if config.model.fusion == "concat":
             model.init_concat_from_heads()
+    speed_up(model, config)
     unused = may_skip_branch(stage, info, config.model.fusion)
     model = ray.train.torch.prepare_model(model, parallel_strategy_kwargs={"find_unused_parameters": unused})
     optimizer, scheduler, plan = build_optimizer(config, stage, model)
