@@ -9,6 +9,7 @@ import shutil
 import signal
 import subprocess
 import sys
+import threading
 import time
 from pathlib import Path
 from types import SimpleNamespace
@@ -116,44 +117,59 @@ def _train_worker_pids() -> list[int]:
     return [int(line.split()[0]) for line in ps.splitlines() if "RayTrainWorker" in line and "ps -eo" not in line]
 
 
-def test_killed_worker_resumes_from_checkpoint_with_the_same_result(digits: Path, tmp_path: Path) -> None:
-    common = {"train.epochs": 3, "data.backend": "torch", "ray.max_failures": 2, "data.batch_size": 8}
-    clean, faulty = tmp_path / "clean", tmp_path / "faulty"
-    proc = launch(["--config", "trainer/configs/av_digits.toml", "--stages", "unimodal",
-                   *overrides(digits, clean, **common)])
-    out, _ = proc.communicate(timeout=600)
-    assert proc.returncode == 0, out[-3000:]
+def _in_process(digits: Path, storage: Path, fake: FakeRayTrain, **settings: object) -> list[dict]:
+    """The unimodal stage as a Ray worker runs it, in this process (FakeRayTrain): its metrics rows."""
+    from trainer.train import train_loop_per_worker
 
+    values = {"data.dataset_dir": str(digits), "ray.storage_path": str(storage), "data.batch_size": 16,
+              "data.num_workers": 1, "ray.cpus_per_worker": 1, **settings}
+    config = absolute(load_config(CONFIG, [f"{k}={json.dumps(v) if isinstance(v, str) else v}"
+                                           for k, v in values.items()]))
+    fake.run_dir, metrics = storage / "av_digits-unimodal", storage / "av_digits" / "metrics.jsonl"
+    metrics.parent.mkdir(parents=True)
+    fake.run_dir.mkdir()
+    train_loop_per_worker({"config": dataclasses.asdict(config), "stage": "unimodal", "init_from": None,
+                           "init": None, "metrics_path": str(metrics)})
+    return _rows(metrics)
+
+
+def test_killed_worker_resumes_from_checkpoint_with_the_same_result(digits: Path, tmp_path: Path,
+                                                                   fake_ray_train: FakeRayTrain) -> None:
+    """A Ray Train worker SIGKILLed in epoch 2 is restarted by Ray (max_failures) from epoch 1's checkpoint
+    and ends with the metrics of the same stage trained without a kill (here in this process)."""
+    common = {"train.epochs": 3, "data.backend": "torch", "ray.max_failures": 2, "data.batch_size": 8}
+    faulty = tmp_path / "faulty"
     proc = launch(["--config", "trainer/configs/av_digits.toml", "--stages", "unimodal",
                    *overrides(digits, faulty, **common)])
-    killed = None
-    deadline = time.time() + 600
-    while time.time() < deadline and proc.poll() is None:
-        if killed is None and len(metrics_rows(faulty, "av_digits")) >= 1:
-            time.sleep(1.0)  # into the second epoch
-            pids = _train_worker_pids()
-            if pids:
-                os.kill(pids[0], signal.SIGKILL)
-                killed = pids[0]
-        time.sleep(0.2)
+    killed: list[int] = []
+
+    def kill_in_epoch_2() -> None:
+        deadline = time.time() + 600
+        while time.time() < deadline and proc.poll() is None and not killed:
+            if len(metrics_rows(faulty, "av_digits")) >= 1:
+                time.sleep(1.0)  # into the second epoch
+                pids = _train_worker_pids()
+                if pids:
+                    os.kill(pids[0], signal.SIGKILL)
+                    killed.append(pids[0])
+            time.sleep(0.2)
+
+    killer = threading.Thread(target=kill_in_epoch_2, daemon=True)
+    killer.start()
+    clean_rows = _in_process(digits, tmp_path / "clean", fake_ray_train, **common)  # meanwhile, the clean run
+    killer.join(timeout=600)
     out, _ = proc.communicate(timeout=600)
-    assert killed is not None, "the worker was never seen"
+    assert killed, "the worker was never seen"
     assert proc.returncode == 0, out[-3000:]
     rows = metrics_rows(faulty, "av_digits")
-    clean_rows = metrics_rows(clean, "av_digits")
     assert rows[-1]["epoch"] == 3
     # the resumed run ends with the clean run's final metrics (CPU training is deterministic here)
     for key in ("train_loss", "val_acc", "val_acc_visual_branch", "val_acc_audio_branch"):
         assert rows[-1][key] == pytest.approx(clean_rows[-1][key], abs=1e-4), key
 
 
-def test_learns_digits_from_frames_and_speech(digits: Path, tmp_path: Path) -> None:
-    storage = tmp_path / "runs"
-    proc = launch(["--config", "trainer/configs/av_digits.toml", "--stages", "unimodal",
-                   *overrides(digits, storage, **{"train.epochs": 8, "train.lr_milestones": [5]})])
-    out, _ = proc.communicate(timeout=600)
-    assert proc.returncode == 0, out[-3000:]
-    rows = metrics_rows(storage, "av_digits")
+def test_learns_digits_from_frames_and_speech(digits: Path, tmp_path: Path, fake_ray_train: FakeRayTrain) -> None:
+    rows = _in_process(digits, tmp_path, fake_ray_train, **{"train.epochs": 8, "train.lr_milestones": [5]})
     first, last = rows[0], rows[-1]
     # 240 training clips of 10 classes, 8 epochs at batch 16 (measured: val 0.50, visual branch 0.52):
     # the loss falls several-fold and both the branch and the ensemble are at least 4x chance (10%)
