@@ -69,3 +69,15 @@ def kinetics_sound_built(kinetics_sound_raw: RawCorpus, tmp_path_factory: pytest
 @pytest.fixture(scope="session")
 def ave_built(ave_raw: RawCorpus, tmp_path_factory: pytest.TempPathFactory) -> BuiltDataset:
     return _build(ave_raw, tmp_path_factory.mktemp("shards"))
+
+
+@pytest.fixture
+def one_torch_thread():
+    """Run torch on one thread: the tensors of these tests are tiny, and more threads only contend with the
+    other processes of the test run."""
+    import torch
+
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)

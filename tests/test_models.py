@@ -66,13 +66,7 @@ MODALITIES = ["visual", "audio", "text"]
 NUM_CLASSES = 5
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    """Run on one thread: these tensors are tiny, and extra threads only contend with parallel test processes."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 def tiny_model(fusion: str = "sum") -> LateFusion:

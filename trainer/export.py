@@ -17,7 +17,6 @@ code is imported, so a model folder can be served or scored anywhere the project
 writes `results/ume`, `results/ume_mma` and `results/chosen` (METHOD.md step 4) this way."""
 from __future__ import annotations
 
-import hashlib
 import inspect
 import json
 from pathlib import Path
@@ -26,7 +25,7 @@ from typing import Any
 
 import torch
 
-from shards.writer import atomic_write, atomic_write_bytes
+from shards.writer import atomic_write, atomic_write_bytes, sha256_file
 from trainer.models import ENCODERS, LateFusion, build_model, model_input_specs
 
 WEIGHTS_FILE = "model.safetensors"
@@ -55,7 +54,7 @@ def save_model(model: torch.nn.Module, info: Any, config: Any, out_dir: str | Pa
     state = {k: v.detach().to("cpu").contiguous() for k, v in model.state_dict().items()}
     with atomic_write(out / WEIGHTS_FILE) as weights_tmp:
         save_file(state, str(weights_tmp), metadata={"format": "pt", "name": name})
-        sha256 = _sha256(weights_tmp)
+        sha256 = sha256_file(weights_tmp)
     meta = {
         "format_version": MODEL_JSON_VERSION,
         "name": name,
@@ -118,7 +117,7 @@ def load_model(model_dir: str | Path, device: str | torch.device = "cpu") -> tup
         raise ModelLoadError(f"{path} not found: the model folder is incomplete; export the model again "
                              f"(trainer.export.export_checkpoint)")
     recorded = meta.get("weights_sha256")
-    if recorded and _sha256(path) != recorded:
+    if recorded and sha256_file(path) != recorded:
         raise ModelLoadError(f"{path} is not the file {folder / META_FILE} was written with (sha256 differs): the "
                              f"folder mixes two exports or the file was damaged; export the model again")
     try:
@@ -190,13 +189,6 @@ def _load_weights(model: torch.nn.Module, state: dict[str, torch.Tensor], path: 
                              f"files come from different exports: export the model again")
     model.load_state_dict(state)
 
-
-def _sha256(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
 
 
 def _plain(value: Any) -> Any:
