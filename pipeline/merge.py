@@ -11,7 +11,7 @@ import pyarrow.parquet as pq
 
 from pipeline.adapters import Corpus
 from pipeline.options import BuildOptions
-from shards.format import DatasetInfo, ShardInfo
+from shards.format import DatasetInfo, ShardInfo, TextInfo
 from shards.writer import atomic_write, atomic_write_bytes
 
 
@@ -80,8 +80,8 @@ def merge_parts(out: Path, corpus: Corpus, shards: list[tuple[str, str]], parts:
     info = DatasetInfo(
         dataset=corpus.name, modalities=corpus.modalities, classes=corpus.classes, multilabel=corpus.multilabel,
         visual=corpus.kind.visual_info(opts),
-        audio=corpus.kind.audio_info(opts, rows) if "audio" in corpus.modalities else {},
-        text=text_info, splits=splits, shards=shard_infos, build=build,
+        audio=corpus.kind.audio_info(opts, rows) if "audio" in corpus.modalities else None,
+        text=TextInfo(**text_info) if text_info else None, splits=splits, shards=shard_infos, build=build,
     )
     atomic_write_bytes(out / "dataset.json", info.to_json().encode())
     return info

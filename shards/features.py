@@ -20,6 +20,8 @@ from functools import lru_cache
 import numpy as np
 import torch
 
+from shards.format import AudioInfo, TextInfo, VisualInfo
+
 DB_OFFSET = 40.0  # log-mel (dB) -> (dB + DB_OFFSET) / DB_SCALE, so typical values lie in [-1, 2]
 DB_SCALE = 40.0
 
@@ -43,9 +45,9 @@ class AudioParams:
         return self.n_samples // self.hop_length + 1
 
     @classmethod
-    def from_info(cls, audio: dict) -> AudioParams:
-        return cls(audio["sample_rate"], audio["seconds"], audio["n_mels"], audio["n_fft"],
-                   audio["win_length"], audio["hop_length"], audio["db_cutoff"])
+    def from_info(cls, audio: AudioInfo) -> AudioParams:
+        return cls(audio.sample_rate, audio.seconds, audio.n_mels, audio.n_fft, audio.win_length, audio.hop_length,
+                   audio.db_cutoff)
 
 
 @dataclass(frozen=True)
@@ -56,8 +58,8 @@ class VisualParams:
     std: tuple[float, float, float]
 
     @classmethod
-    def from_info(cls, visual: dict, crop: int | None = None) -> VisualParams:
-        return cls(visual["frames"], crop or visual["crop"], tuple(visual["mean"]), tuple(visual["std"]))
+    def from_info(cls, visual: VisualInfo, crop: int | None = None) -> VisualParams:
+        return cls(visual.frames, crop or visual.crop, tuple(visual.mean), tuple(visual.std))
 
 
 STORED_AUDIO_KINDS = {"spectrogram_array": ("spec.npy", "float32"), "logmel_array": ("logmel.npy", "float16")}
@@ -74,10 +76,10 @@ class SpectrogramParams:
     dtype: str = "float32"
 
     @classmethod
-    def from_info(cls, audio: dict) -> SpectrogramParams:
-        member, dtype = STORED_AUDIO_KINDS[audio["kind"]]
-        scale = float(audio.get("scale", 1.0)) if audio["kind"] == "spectrogram_array" else 1.0
-        return cls(tuple(audio["shape"]), scale, audio.get("member", member), audio.get("dtype", dtype))
+    def from_info(cls, audio: AudioInfo) -> SpectrogramParams:
+        member, dtype = STORED_AUDIO_KINDS[audio.kind]
+        scale = float(audio.scale if audio.scale is not None else 1.0) if audio.kind == "spectrogram_array" else 1.0
+        return cls(tuple(audio.shape), scale, audio.member or member, audio.dtype or dtype)
 
 
 @dataclass(frozen=True)
@@ -89,8 +91,8 @@ class TextParams:
     member: str = "text.npy"
 
     @classmethod
-    def from_info(cls, text: dict) -> TextParams:
-        return cls(int(text["max_len"]), int(text["vocab_size"]))
+    def from_info(cls, text: TextInfo) -> TextParams:
+        return cls(int(text.max_len), int(text.vocab_size))
 
 
 @dataclass(frozen=True)
@@ -123,12 +125,12 @@ def modality_params(info, crop: int | None = None) -> ModalityParams:
     visual = VisualParams.from_info(info.visual, crop) if "visual" in mods else None
     audio = spectrogram = None
     if "audio" in mods:
-        if info.audio.get("kind", "waveform") in STORED_AUDIO_KINDS:
+        if info.audio.kind in STORED_AUDIO_KINDS:
             spectrogram = SpectrogramParams.from_info(info.audio)
         else:
             audio = AudioParams.from_info(info.audio)
     text = TextParams.from_info(info.text) if "text" in mods else None
-    return ModalityParams(visual, audio, spectrogram, text, info.audio.get("codec", "wav"))
+    return ModalityParams(visual, audio, spectrogram, text, (info.audio.codec if info.audio else None) or "wav")
 
 
 def _hz_to_mel(f: np.ndarray) -> np.ndarray:

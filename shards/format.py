@@ -20,7 +20,8 @@ from __future__ import annotations
 import io
 import json
 import re
-from dataclasses import dataclass, field
+from collections.abc import Iterator, Mapping
+from dataclasses import MISSING, dataclass, field, fields
 from pathlib import Path
 from typing import Any
 
@@ -111,6 +112,104 @@ class ShardInfo:
     bytes: int
 
 
+class Section(Mapping[str, Any]):
+    """A modality's section of dataset.json, typed once: the build writes it, the loaders and the trainer
+    read its fields as attributes. As a Mapping it is the JSON object itself (fields that are None left
+    out), which is what dataset.json, `pipeline inspect` and an exported model.json hold."""
+
+    def __getitem__(self, key: str) -> Any:
+        if key not in self._names():
+            raise KeyError(key)
+        return getattr(self, key)
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(self._names())
+
+    def __len__(self) -> int:
+        return len(self._names())
+
+    def _names(self) -> list[str]:
+        return [f.name for f in fields(self) if getattr(self, f.name) is not None]
+
+    def to_json(self) -> dict[str, Any]:
+        return {k: list(v) if isinstance(v, tuple) else v for k, v in self.items()}
+
+    @classmethod
+    def from_json(cls, doc: dict[str, Any], where: str):
+        """Read a section back; a key this version does not know, or a missing one, is a FormatError."""
+        known = {f.name for f in fields(cls)}
+        unknown = sorted(set(doc) - known)
+        required = [f.name for f in fields(cls) if f.default is MISSING and f.default_factory is MISSING]
+        missing = [k for k in required if k not in doc]
+        if unknown or missing:
+            what = "; ".join(part for part in (f"unknown keys {unknown}" if unknown else "",
+                                               f"missing keys {missing}" if missing else "") if part)
+            raise FormatError(f"{where}: {what}; rebuild the shards with this version of `pipeline build-shards`")
+        return cls(**doc)
+
+
+@dataclass(frozen=True, eq=True)
+class VisualInfo(Section):
+    """`visual`: T frames (or one image) as JPEG, short side `short_side`, the crop the loaders default to,
+    and the normalisation (ImageNet's, or MultiBench's /255 for AV-MNIST: mean 0, std 1)."""
+
+    frames: int
+    short_side: int
+    crop: int
+    mean: list[float]
+    std: list[float]
+    format: str = "jpeg"
+    jpeg_quality: int | None = None
+    fps: float | None = None  # video: frames sampled at this rate
+    source: str | None = None  # "image" or "array" (None: video frames)
+
+
+@dataclass(frozen=True, eq=True)
+class AudioInfo(Section):
+    """`audio`: `kind` "waveform" (a WAV/FLAC member the loaders turn into a log-mel), "logmel_array" (the
+    log-mel stored as float16, `--audio-features logmel`) or "spectrogram_array" (a stored float32
+    spectrogram, AV-MNIST); the log-mel parameters for the first two, the stored array's member, dtype,
+    shape and scale for the last two."""
+
+    kind: str
+    sample_rate: int | None = None
+    channels: int | None = None
+    n_mels: int | None = None
+    n_fft: int | None = None
+    win_length: int | None = None
+    hop_length: int | None = None
+    db_cutoff: float | None = None
+    seconds: float | None = None  # waveform: the median clip's audio; logmel: the stored length
+    codec: str | None = None  # waveform: "wav" or "flac"
+    member: str | None = None  # stored arrays: the member's extension
+    dtype: str | None = None
+    shape: list[int] | None = None  # stored arrays: [H, W]
+    scale: float | None = None  # spectrogram_array: the loaders multiply by it
+
+
+@dataclass(frozen=True, eq=True)
+class TextInfo(Section):
+    """`text`: the tokenizer (the built-in word tokenizer, or a Hugging Face tokenizer.json copied into the
+    dataset folder as `file`), its sha256, the vocabulary size and the fixed length of the int32 ids."""
+
+    tokenizer: str
+    file: str
+    vocab_size: int
+    max_len: int
+    sha256: str
+    dtype: str = "int32"
+    raw: str | None = None  # the member holding the raw text
+    source: str | None = None  # huggingface: the folder's name
+    pad_id: int | None = None
+    unk_id: int | None = None
+    lowercase: bool | None = None
+    normalization: str | None = None
+    vocab_from: str | None = None
+
+
+SECTIONS = {"visual": VisualInfo, "audio": AudioInfo, "text": TextInfo}
+
+
 @dataclass
 class DatasetInfo:
     """What `dataset.json` holds; the loaders read everything they need from here."""
@@ -119,9 +218,9 @@ class DatasetInfo:
     modalities: list[str]
     classes: list[str]
     multilabel: bool
-    visual: dict[str, Any] = field(default_factory=dict)
-    audio: dict[str, Any] = field(default_factory=dict)
-    text: dict[str, Any] = field(default_factory=dict)
+    visual: VisualInfo | None = None  # None: the dataset has no such modality
+    audio: AudioInfo | None = None
+    text: TextInfo | None = None
     splits: dict[str, dict[str, int]] = field(default_factory=dict)
     shards: list[ShardInfo] = field(default_factory=list)
     build: dict[str, Any] = field(default_factory=dict)
@@ -141,9 +240,9 @@ class DatasetInfo:
             "modalities": self.modalities,
             "classes": self.classes,
             "multilabel": self.multilabel,
-            "visual": self.visual,
-            "audio": self.audio,
-            "text": self.text,
+            "visual": self.visual.to_json() if self.visual else {},
+            "audio": self.audio.to_json() if self.audio else {},
+            "text": self.text.to_json() if self.text else {},
             "splits": self.splits,
             "shards": [vars(s) for s in self.shards],
             "build": self.build,
@@ -169,6 +268,8 @@ def read_dataset_info(dataset_dir: str | Path) -> DatasetInfo:
             f"Rebuild the shards with this version of `pipeline build-shards`")
     shards = [ShardInfo(**s) for s in doc.pop("shards", [])]
     doc.pop("format_version")
+    for name, section in SECTIONS.items():  # {} in the file: the dataset has no such modality
+        doc[name] = section.from_json(doc[name], f"{path} [{name}]") if doc.get(name) else None
     return DatasetInfo(shards=shards, **doc)
 
 

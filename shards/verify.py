@@ -102,16 +102,18 @@ def inspect_dataset(dataset_dir: Path) -> str:
     manifest = pq.read_table(dataset_dir / "manifest.parquet").to_pylist()
     rejects_path = dataset_dir / "rejects.parquet"
     rejects = pq.read_table(rejects_path).to_pylist() if rejects_path.is_file() else []
-    described = {"visual": f"frames: {info.visual.get('frames')} x short side {info.visual.get('short_side')} px JPEG",
-                 "text": f"text: {info.text.get('tokenizer')}, {info.text.get('vocab_size')} tokens, "
-                         f"{info.text.get('max_len')} ids per sample"}
-    if info.audio.get("kind") == "spectrogram_array":
-        described["audio"] = f"audio: stored spectrograms {info.audio.get('shape')}"
-    elif info.audio.get("kind") == "logmel_array":
-        described["audio"] = f"audio: stored log-mel {info.audio.get('shape')} {info.audio.get('dtype')}"
-    else:
-        described["audio"] = (f"audio: {info.audio.get('sample_rate')} Hz {info.audio.get('codec')}, "
-                              f"median {info.audio.get('seconds')} s")
+    described = {}
+    if info.visual:
+        described["visual"] = f"frames: {info.visual.frames} x short side {info.visual.short_side} px JPEG"
+    if info.text:
+        described["text"] = (f"text: {info.text.tokenizer}, {info.text.vocab_size} tokens, {info.text.max_len} ids "
+                             f"per sample")
+    if info.audio and info.audio.kind == "spectrogram_array":
+        described["audio"] = f"audio: stored spectrograms {info.audio.shape}"
+    elif info.audio and info.audio.kind == "logmel_array":
+        described["audio"] = f"audio: stored log-mel {info.audio.shape} {info.audio.dtype}"
+    elif info.audio:
+        described["audio"] = f"audio: {info.audio.sample_rate} Hz {info.audio.codec}, median {info.audio.seconds} s"
     lines = [f"dataset {info.dataset} (format v{info.format_version}) at {dataset_dir}",
              f"modalities: {', '.join(info.modalities)}; {info.num_classes} classes"
              f"{' (multi-label)' if info.multilabel else ''}",

@@ -7,6 +7,7 @@ one line, no traceback); sanitised keys; the inspect summary."""
 from __future__ import annotations
 
 import csv
+import dataclasses
 import io
 import json
 import logging
@@ -614,7 +615,7 @@ def test_audio_features_logmel_stores_the_loaders_log_mel_as_float16(kinetics_so
     info = read_dataset_info(tmp_path / "kinetics_sound")
     assert info.audio["kind"] == "logmel_array" and info.audio["dtype"] == "float16"
     assert info.audio["shape"] == [128, 2 * 16000 // 160 + 1]
-    params = AudioParams.from_info(dict(info.audio, seconds=2.0))
+    params = AudioParams.from_info(dataclasses.replace(info.audio, seconds=2.0))
     checked = 0
     for tar in sorted((tmp_path / "kinetics_sound").glob("*/*.tar")):
         ours = {n: m for n, m in read_index(tar.with_suffix(".idx"))}

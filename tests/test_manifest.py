@@ -134,7 +134,7 @@ def test_audio_text_multilabel_manifest_builds_and_loads(text_corpus: Path, tmp_
     ds = tmp_path / "manifest"
     info = read_dataset_info(ds)
     assert info.modalities == ["audio", "text"] and info.classes == ["dog", "cat", "bird"] and info.multilabel
-    assert info.visual == {} and info.audio["kind"] == "waveform" and info.text["max_len"] == 16
+    assert info.visual is None and info.audio.kind == "waveform" and info.text.max_len == 16
     assert info.splits["train"]["samples"] == 12 and info.splits["test"]["samples"] == 4
     rows = {r["key"]: r for r in pq.read_table(ds / "manifest.parquet").to_pylist()}
     assert rows["s05"]["has_audio"] and not rows["s05"]["has_text"]

@@ -139,7 +139,7 @@ def fit_baselines(config: Config, split: str = "train", cap: int = TRAIN_CAP) ->
         if not has.any():
             log.warning("baselines: no %s sample in %s has %s; no %s baseline", split, config.data.dataset_dir, m, m)
             continue
-        vocab = int(info.text["vocab_size"]) if m == "text" else 0
+        vocab = info.text.vocab_size if m == "text" else 0
         baseline = Baseline(m, _classifier(m, labels[has], info.multilabel), int(has.sum()), vocab)
         baselines[m] = baseline.fit(inputs[m][has], labels[has])
     return baselines

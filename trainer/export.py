@@ -65,7 +65,7 @@ def save_model(model: torch.nn.Module, info: Any, config: Any, out_dir: str | Pa
         "model": {key: _plain(getattr(config.model, key)) for key in MODEL_KEYS},
         "input_specs": model_input_specs(info),
         "inputs": {"crop": int(config.data.crop_size), "scenario_seed": int(config.eval.seed)},
-        "shards": {m: _plain(getattr(info, m)) for m in info.modalities},
+        "shards": {m: _plain(getattr(info, m).to_json()) for m in info.modalities},
         "weights_sha256": sha256,
         "extra": _plain(extra or {}),
     }

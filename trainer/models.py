@@ -499,9 +499,9 @@ def model_input_specs(info) -> dict[str, dict]:
     size and sequence length. :func:`build_model` hands each builder only the arguments it declares."""
     specs: dict[str, dict] = {}
     for m in info.modalities:
-        specs[m] = {"params": dict(getattr(info, m), dataset=info.dataset)}
+        specs[m] = {"params": dict(getattr(info, m).to_json(), dataset=info.dataset)}
     if "text" in info.modalities:
-        specs["text"].update(vocab_size=int(info.text["vocab_size"]), max_len=int(info.text["max_len"]))
+        specs["text"].update(vocab_size=info.text.vocab_size, max_len=info.text.max_len)
     return specs
 
 

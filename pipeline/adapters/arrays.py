@@ -20,7 +20,7 @@ from pipeline.adapters.corpus import (
 from pipeline.decode import DecodeError
 from pipeline.encode import encode_frame, load_array_row
 from pipeline.options import BuildContext, BuildOptions
-from shards.format import encode_npy, frame_member
+from shards.format import AudioInfo, VisualInfo, encode_npy, frame_member
 
 
 def encode_arrays(sample: Sample, src: Path, opts: BuildOptions, ctx: BuildContext,
@@ -46,18 +46,17 @@ def encode_arrays(sample: Sample, src: Path, opts: BuildOptions, ctx: BuildConte
     return members, dict(meta, audio_seconds=0.0, text_replaced=0), []
 
 
-def digit_visual_info(opts: BuildOptions) -> dict:
+def digit_visual_info(opts: BuildOptions) -> VisualInfo:
     """The 28x28 digit as one frame, normalised as MultiBench's `datasets/avmnist/get_data.py` does: the
     grey values /255, no mean or std."""
     side = min(28, opts.size)
-    return {"frames": 1, "short_side": side, "format": "jpeg", "jpeg_quality": opts.jpeg_quality,
-            "crop": side, "source": "array", "mean": [0.0] * 3, "std": [1.0] * 3}
+    return VisualInfo(frames=1, short_side=side, jpeg_quality=opts.jpeg_quality, crop=side, source="array",
+                      mean=[0.0] * 3, std=[1.0] * 3)
 
 
-def spectrogram_audio_info(opts: BuildOptions, rows: list[dict], shape: list[int]) -> dict:
+def spectrogram_audio_info(opts: BuildOptions, rows: list[dict], shape: list[int]) -> AudioInfo:
     """A stored float32 spectrogram of `shape` [H, W] (from the arrays), scaled by 1/255 by the loaders."""
-    return {"kind": "spectrogram_array", "member": "spec.npy", "dtype": "float32", "shape": list(shape),
-            "scale": 1.0 / 255.0}
+    return AudioInfo(kind="spectrogram_array", member="spec.npy", dtype="float32", shape=list(shape), scale=1.0 / 255.0)
 
 
 AVMNIST_VAL_FROM = 55 / 60

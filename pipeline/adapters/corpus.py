@@ -22,7 +22,7 @@ from pipeline.decode import DecodeError
 from pipeline.encode import encode_audio
 from pipeline.options import BuildContext, BuildOptions, SourceError
 from pipeline.text import decode_text
-from shards.format import encode_npy, jpeg_size
+from shards.format import AudioInfo, VisualInfo, encode_npy, jpeg_size
 
 __all__ = ["SPLITS", "Corpus", "Reject", "Sample", "SampleKind", "SourceError"]
 
@@ -68,8 +68,8 @@ class SampleKind:
 
     name: str
     encode: Callable[..., tuple[dict[str, bytes], dict, list[Reject]]]
-    visual_info: Callable[[BuildOptions], dict]
-    audio_info: Callable[[BuildOptions, list[dict]], dict]
+    visual_info: Callable[[BuildOptions], VisualInfo | None]
+    audio_info: Callable[[BuildOptions, list[dict]], AudioInfo | None]
 
 
 @dataclass(frozen=True)

@@ -216,5 +216,5 @@ def _sample(row: dict[str, str], n: int, name: str, src: Path, root: Path, index
                   labels=labels, text=text, text_replaced=text_replaced, audio_source=row.get("audio", ""))
 
 
-def no_visual_info(opts: BuildOptions) -> dict:
-    return {}
+def no_visual_info(opts: BuildOptions) -> None:
+    return None

@@ -31,7 +31,7 @@ from pipeline.decode import DecodeError, decode_audio_file, decode_clip
 from pipeline.encode import encode_frame, encode_image_file, encode_text
 from pipeline.options import BuildContext, BuildOptions
 from pipeline.text import load_tokenizer
-from shards.format import frame_member, sanitize_key
+from shards.format import AudioInfo, VisualInfo, frame_member, sanitize_key
 from shards.masks import key_uniform
 
 IMAGENET = {"mean": [0.485, 0.456, 0.406], "std": [0.229, 0.224, 0.225]}
@@ -56,13 +56,13 @@ def encode_clip(sample: Sample, src: Path, opts: BuildOptions, ctx: BuildContext
     return members, row, partial
 
 
-def clip_visual_info(opts: BuildOptions) -> dict:
+def clip_visual_info(opts: BuildOptions) -> VisualInfo:
     """T frames at fps, short side `size`, ImageNet normalisation."""
-    return {"frames": opts.frames, "fps": opts.fps, "short_side": opts.size, "format": "jpeg",
-            "jpeg_quality": opts.jpeg_quality, "crop": min(224, opts.size), **IMAGENET}
+    return VisualInfo(frames=opts.frames, fps=opts.fps, short_side=opts.size, jpeg_quality=opts.jpeg_quality,
+                      crop=min(224, opts.size), **IMAGENET)
 
 
-def waveform_audio_info(opts: BuildOptions, rows: list[dict]) -> dict:
+def waveform_audio_info(opts: BuildOptions, rows: list[dict]) -> AudioInfo:
     """Waveform parameters and the log-mel the loaders compute; `seconds` is the median clip's audio. With
     `--audio-features logmel`, the stored log-mel's member, dtype and shape instead of the codec."""
     seconds = [r["audio_seconds"] for r in rows if r["has_audio"]]
@@ -70,10 +70,10 @@ def waveform_audio_info(opts: BuildOptions, rows: list[dict]) -> dict:
            "db_cutoff": DB_CUTOFF, "sample_rate": opts.sample_rate, "channels": 1}
     if opts.audio_features == "logmel":
         n_frames = int(round(opts.audio_seconds * opts.sample_rate)) // opts.hop_length + 1
-        return {"kind": "logmel_array", "member": "logmel.npy", "dtype": "float16",
-                "shape": [opts.n_mels, n_frames], "seconds": opts.audio_seconds, **mel}
-    return {"kind": "waveform", "codec": opts.audio_codec,
-            "seconds": round(median(seconds), 1) if seconds else 0.0, **mel}
+        return AudioInfo(kind="logmel_array", member="logmel.npy", dtype="float16", shape=[opts.n_mels, n_frames],
+                         seconds=opts.audio_seconds, **mel)
+    return AudioInfo(kind="waveform", codec=opts.audio_codec, seconds=round(median(seconds), 1) if seconds else 0.0,
+                     **mel)
 
 
 VIDEO = SampleKind("video", encode_clip, clip_visual_info, waveform_audio_info)

@@ -26,7 +26,7 @@ from pipeline.adapters.video import IMAGENET
 from pipeline.encode import encode_image_file, encode_text
 from pipeline.options import BuildContext, BuildOptions
 from pipeline.text import decode_text, load_tokenizer
-from shards.format import frame_member, sanitize_key
+from shards.format import VisualInfo, frame_member, sanitize_key
 from shards.masks import key_uniform
 
 
@@ -48,14 +48,14 @@ def encode_image_text(sample: Sample, src: Path, opts: BuildOptions, ctx: BuildC
     return members, dict(meta, audio_seconds=0.0, text_replaced=sample.text_replaced), partial
 
 
-def image_visual_info(opts: BuildOptions) -> dict:
+def image_visual_info(opts: BuildOptions) -> VisualInfo:
     """One image per sample (T = 1), short side `size`, ImageNet normalisation."""
-    return {"frames": 1, "short_side": opts.size, "format": "jpeg", "jpeg_quality": opts.jpeg_quality,
-            "crop": min(224, opts.size), "source": "image", **IMAGENET}
+    return VisualInfo(frames=1, short_side=opts.size, jpeg_quality=opts.jpeg_quality, crop=min(224, opts.size),
+                      source="image", **IMAGENET)
 
 
-def no_audio_info(opts: BuildOptions, rows: list[dict]) -> dict:
-    return {}
+def no_audio_info(opts: BuildOptions, rows: list[dict]) -> None:
+    return None
 
 
 IMAGE_TEXT = SampleKind("image_text", encode_image_text, image_visual_info, no_audio_info)
