@@ -5,7 +5,9 @@ per member; a training crop that keeps few enough of the stored pixels decodes t
 (`Image.draft`, never below the crop) and is close to the full decode; PyAV and Pillow's JPEG plugin are
 imported before the workers fork; `device="gpu"` without CUDA is refused by name. DALI: training decodes
 only the crop window (`random_crop_generator` + `decoders.image_slice`), evaluation whole frames (so its
-pixels stay those of the resize-and-centre-crop that the parity test pins)."""
+pixels stay those of the resize-and-centre-crop that the parity test pins); an epoch's pipeline prefetches
+within the epoch but never past its last batch; without random drops no mask operators are added; batches
+(views of DALI's buffers, not copies) keep their values while later epochs run."""
 from __future__ import annotations
 
 import builtins
@@ -25,6 +27,7 @@ from PIL import Image, JpegImagePlugin
 from shards.features import VisualParams
 from shards.format import read_dataset_info
 from shards.loader import dali_available, make_loader
+from shards.masks import DropSpec
 from tests.conftest import BuiltDataset
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -123,3 +126,47 @@ def test_dali_training_decodes_only_the_crop_window(train: bool, kinetics_sound_
     images = {op for op in operators if op.startswith(b"decoders__Image")}
     assert images == ({b"decoders__ImageSlice"} if train else {b"decoders__Image"})
     assert (b"RandomCropGenerator" in operators) == train and b"PeekImageShape" in operators
+
+
+@pytest.mark.skipif(not dali_available(), reason="nvidia-dali is not installed")
+def test_dali_prefetches_within_the_epoch_but_never_past_it(kinetics_sound_built: BuiltDataset) -> None:
+    """The pipeline is rebuilt for every epoch, so an iteration scheduled after the epoch's last batch (what
+    `Pipeline.run` prefetches) would read and decode a batch for nothing; batches before it are prefetched."""
+    loader = make_loader(kinetics_sound_built.path, SPLIT, 1, backend="dali", train=True, crop=32, num_workers=1)
+    steps = len(loader)
+    assert steps >= 3
+    in_flight = []
+    for _batch in loader:
+        in_flight.append(not loader._pipe.empty())
+    assert in_flight == [True] * (steps - 1) + [False]
+
+
+@pytest.mark.skipif(not dali_available(), reason="nvidia-dali is not installed")
+def test_dali_without_drops_adds_no_mask_operators(kinetics_sound_built: BuiltDataset) -> None:
+    """Without random drops the present flags are the members' sizes (one comparison per modality): no
+    'never drop everything' logic for draws that cannot drop anything; with drops, it is there."""
+    def expressions(augment: DropSpec | None) -> list[bytes]:
+        loader = make_loader(kinetics_sound_built.path, SPLIT, 2, backend="dali", train=True, augment=augment,
+                             crop=32, num_workers=1)
+        return sorted(re.findall(rb"([a-z]+)\(&", loader.make_pipeline().serialize()))
+
+    assert expressions(None) == [b"gt", b"gt"]
+    assert {b"bitand", b"bitor", b"eq"} <= set(expressions(DropSpec("independent", {"visual": 0.3, "audio": 0.3})))
+
+
+@pytest.mark.skipif(not dali_available(), reason="nvidia-dali is not installed")
+def test_dali_batches_keep_their_values_after_later_epochs(kinetics_sound_built: BuiltDataset) -> None:
+    """CPU batches are views of DALI's output buffers (no copy): they must stay intact while later batches
+    and epochs (new pipelines) run. Compared with a fresh loader's epoch 0, copied batch by batch."""
+    def loader():
+        return make_loader(kinetics_sound_built.path, SPLIT, 2, backend="dali", train=True, crop=32, num_workers=1)
+
+    reference = [{k: v.clone() for k, v in batch.items() if torch.is_tensor(v)} for batch in loader()]
+    held_loader = loader()
+    held = list(held_loader)
+    for _ in range(2):
+        assert list(held_loader)
+    assert len(held) == len(reference)
+    for batch, expected in zip(held, reference):
+        for name, tensor in expected.items():
+            assert torch.equal(batch[name], tensor), name
