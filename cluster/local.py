@@ -147,12 +147,25 @@ def start_cluster(workers: int, cpus_per_node: int = 1, state_dir: Path | str = 
                           "--ray-client-server-port", str(_port(0, "--ray-client-server-port")), "--num-gpus", "0"))
         for n in [launch(cpus_per_node, "--address", info.address) for _ in range(workers)]:
             wait_ready(n)
+        _wait_registered(info, env, deadline)
     except BaseException:
         log.error("starting the cluster failed; stopping its nodes (logs kept in %s)", info.temp_root)
         stop_cluster(state_dir, keep_logs=bool(info.pids))
         raise
     log.info("Ray cluster up: head %s + %d worker node(s), dashboard %s", info.address, workers, info.dashboard_url)
     return info
+
+
+def _wait_registered(info: ClusterInfo, env: dict[str, str], deadline: float) -> None:
+    """Until `ray status` lists every node as active: a node's `ray start` is ready before the GCS's view of
+    the cluster (what the autoscaler, `ray status` and placement groups see) includes it."""
+    cmd = [shutil.which("ray", path=env["PATH"]) or "ray", "status", "--address", info.address]
+    while time.monotonic() < deadline:
+        shown = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=60).stdout
+        if shown.partition("Active:")[2].partition("Pending:")[0].count("node_") >= len(info.pids):
+            return
+        time.sleep(0.5)
+    raise RuntimeError(f"the Ray cluster from {info.state_dir} did not list its {len(info.pids)} nodes in time")
 
 
 def stop_cluster(state_dir: Path | str = DEFAULT_DIR, grace_s: float = 15.0, keep_logs: bool = False) -> ClusterInfo:

@@ -341,6 +341,7 @@ def image_size(pre: Mapping[str, Any], config: Any, folder: Path) -> tuple[int, 
 def build_audio(pretrained: str, params: Mapping[str, Any] | None) -> HFAudioEncoder:
     """`hf_audio`: an AST-style model whose mel bins match the shards' log-mel."""
     from shards.features import STORED_AUDIO_KINDS, AudioParams
+    from shards.format import AudioInfo
 
     folder = resolve_folder(pretrained, "audio")
     model, config = load_model(folder, "audio")
@@ -360,7 +361,7 @@ def build_audio(pretrained: str, params: Mapping[str, Any] | None) -> HFAudioEnc
     if kind in STORED_AUDIO_KINDS:
         n_mels, frames = (int(v) for v in params["shape"])
     else:
-        audio = AudioParams.from_info(params)
+        audio = AudioParams.from_info(AudioInfo(**{k: v for k, v in params.items() if k != "dataset"}))
         n_mels, frames = audio.n_mels, audio.n_frames
     shift_ms = 1000.0 * params["hop_length"] / params["sample_rate"]
     if n_mels != n_bins:
