@@ -81,7 +81,9 @@ class TrainConfig:
     # from one ends exactly as an uninterrupted run would (same worker count)
     checkpoint_every_steps: int = 0
     channels_last: bool = False  # convolutions in channels-last memory format (often faster with bf16 on GPUs)
-    compile: bool = False  # torch.compile each encoder (dynamic shapes; the first steps pay the compilation)
+    # torch.compile each encoder: the first steps pay the compilation (minutes on a CPU) and a new batch size
+    # (a batch where some samples lack the modality) one recompilation; for long GPU runs
+    compile: bool = False
 
 
 @dataclass

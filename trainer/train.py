@@ -116,7 +116,9 @@ def speed_up(model: LateFusion, config: Config) -> LateFusion:
         model.to(memory_format=torch.channels_last)
     if config.train.compile:
         for encoder in model.encoders.values():  # the heavy part; the masking around it stays eager
-            encoder.compile(dynamic=True)
+            # automatic dynamic shapes: a second batch size recompiles once for any size (forcing dynamic=True
+            # from the start fails in this torch's inductor on the ResNet's pooling)
+            encoder.compile()
     return model
 
 
