@@ -174,7 +174,7 @@ def build_section(r: dict) -> list[str]:
 def loader_section(r: dict) -> list[str]:
     p, configs, ratios = r["params"], r["configs"], r["ratios"]
     drops = p["drops"]
-    order = ("raw", "ogm", "wds", "torch", "dali_cpu", "dali_cpu_logmel", "dali_gpu", "floor")
+    order = ("raw", "ogm", "wds", "torch", "torch_logmel", "dali_cpu", "dali_cpu_logmel", "dali_gpu", "floor")
     names = [n for n in order if f"{n}_p0" in configs]
     lines = [f"Training-mode loading (random crop {p['crop']} + flip, {p['n_mels']}-mel log-mel of "
              f"{p['audio_seconds']} s audio, {p['frames']} frames) of {p['samples']} samples, "

@@ -110,7 +110,7 @@ def test_the_loader_benchmark_reports_every_loader_against_the_research_loader_a
         kinetics_sound_raw, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     loader = bench_module("loader", monkeypatch)
     run = bench_module("run", monkeypatch)
-    names = ["ogm", "wds", "torch", "floor"]
+    names = ["ogm", "wds", "torch", "torch_logmel", "floor"]  # torch_logmel: the clips built with the log-mel stored
     results = loader.main(["--src", str(kinetics_sound_raw.root), "--out", str(tmp_path), "--batch-size", "2",
                            "--repeats", "1", "--workers", "0", "--crop", "32", "--only", *names])
     assert json.loads((tmp_path / "loader.json").read_text())["configs"].keys() == results["configs"].keys()
@@ -120,10 +120,11 @@ def test_the_loader_benchmark_reports_every_loader_against_the_research_loader_a
         for ref in ("ogm", "floor"):
             assert set(results["ratios"][f"over_{ref}"][p]) == set(names)
             assert results["ratios"][f"over_{ref}"][p][ref] == {"samples_per_s": 1.0, "cpu_ms_per_sample": 1.0}
-    assert set(results["targets"]) == {"torch CPU-ms/sample <= ogm (p=0)", "torch CPU-ms/sample <= ogm (p=0.3)"}
+    assert set(results["targets"]) == {f"{n} CPU-ms/sample <= ogm (p={p})" for n in ("torch", "torch_logmel")
+                                       for p in ("0", "0.3")}
     assert all(c["cpu_ms_per_sample"] > 0 for c in results["configs"].values())
     table = run.loader_section(results)
-    rows = [line for line in table if line.startswith(("| ogm |", "| wds |", "| torch |", "| floor |"))]
+    rows = [line for line in table if line.startswith(tuple(f"| {n} |" for n in names))]
     assert len(rows) == 2 * len(names)
     assert all(line.count("|") == table[table.index(rows[0]) - 1].count("|") for line in rows)
 
