@@ -340,7 +340,8 @@ def main(argv: list[str] | None = None) -> int:
                         help="override a config value (repeatable), e.g. --set train.epochs=2")
     parser.add_argument("--stages", default=",".join([*recipe.STAGES, "eval"]),
                         help="comma-separated subset of the recipe's stages (trainer/recipe.py) and eval; a stage "
-                             "brings the one it starts from (mma: unimodal)")
+                             "brings the one it starts from (mma: unimodal); eval scores the joint baselines only "
+                             "when they are trained (e.g. unimodal,mma,eval skips them)")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     progress = Progress()
