@@ -9,7 +9,6 @@ line number being the id: 0 = padding, 1 = unknown. A local Hugging Face tokeniz
 dataset. Either way the ids are truncated or zero-padded to `max_len`, so 0 must mean padding."""
 from __future__ import annotations
 
-import hashlib
 import re
 import unicodedata
 from collections import Counter
@@ -79,7 +78,7 @@ def build_vocab(texts: Iterable[str], vocab_size: int) -> list[str]:
 def prepare_tokenizer(out: Path, train_texts: Iterable[str], max_len: int, vocab_size: int,
                       hf_dir: str = "") -> dict:
     """Write the tokenizer files into the dataset directory; returns what dataset.json records as `text`."""
-    from shards.writer import atomic_write_bytes
+    from shards.writer import atomic_write_bytes, sha256_file
 
     if hf_dir:
         source = Path(hf_dir) / HF_FILE
@@ -93,7 +92,7 @@ def prepare_tokenizer(out: Path, train_texts: Iterable[str], max_len: int, vocab
         info = {"tokenizer": WORD_TOKENIZER, "file": VOCAB_FILE, "pad_id": 0, "unk_id": 1,
                 "lowercase": True, "normalization": "NFKC", "vocab_from": "train"}
     tokenizer = load_tokenizer(str(out), info["tokenizer"], max_len)
-    digest = hashlib.sha256((out / info["file"]).read_bytes()).hexdigest()
+    digest = sha256_file(out / info["file"])
     return dict(info, vocab_size=tokenizer.vocab_size, max_len=max_len, sha256=digest, dtype="int32",
                 raw="text.txt.zst")
 

@@ -85,19 +85,11 @@ def fit_branch_weights(branch_logits: dict[str, torch.Tensor], present: torch.Te
 
 
 @torch.no_grad()
-def branch_logits_on(model: LateFusion, loader, device: torch.device) -> tuple[dict, torch.Tensor, torch.Tensor]:
-    """Each branch's logits, the natural `present` mask and the labels over a whole split."""
-    logits: dict[str, list[torch.Tensor]] = {m: [] for m in model.modalities}
-    present, labels = [], []
-    for batch in tqdm(loader, desc="val branches", unit="batch", leave=False):
-        has = batch["present"].to(device)
-        out = model.fuse({m: model.encode(m, batch[m].to(device), has[:, i]) for i, m in enumerate(model.modalities)},
-                         has)
-        for m in model.modalities:
-            logits[m].append(out["unimodal"][m].cpu())
-        present.append(batch["present"])
-        labels.append(batch["label"])
-    return {m: torch.cat(v) for m, v in logits.items()}, torch.cat(present), torch.cat(labels)
+def branch_logits(model: LateFusion, features: dict[str, torch.Tensor], present: torch.Tensor,
+                  device: torch.device) -> dict[str, torch.Tensor]:
+    """Each branch's logits (zero where its modality is absent) from the features `_features` cached."""
+    out = model.fuse({m: f.to(device) for m, f in features.items()}, present.to(device))
+    return {m: v.cpu() for m, v in out["unimodal"].items()}
 
 
 def branch_scores(branch_logits: dict[str, torch.Tensor], present: torch.Tensor, labels: torch.Tensor,
@@ -139,22 +131,21 @@ def evaluate(config: Config, methods: list[Method], device: torch.device | None 
             model = model_for_dataset(config.model, info)
             load_weights(model, load_state(method.checkpoint), method.checkpoint)
             models[method.checkpoint] = model.to(device).eval()
-    loader = make_loader(config.data.dataset_dir, config.eval.split, config.data.batch_size,
-                         backend=config.data.backend, crop=config.data.crop_size,
-                         num_workers=config.data.num_workers, seed=config.eval.seed)
-    feats, inputs, keys, labels, has = _features(models, loader, device, info.modalities)
+    def split_loader(split: str):
+        return make_loader(config.data.dataset_dir, split, config.data.batch_size, backend=config.data.backend,
+                           crop=config.data.crop_size, num_workers=config.data.num_workers, seed=config.eval.seed)
+
+    feats, inputs, keys, labels, has = _features(models, split_loader(config.eval.split), device, info.modalities)
     weights, val_branches, test_branches = {}, {}, {}
     for method in (m for m in methods if m.weighted):
-        val_loader = make_loader(config.data.dataset_dir, config.eval.val_split, config.data.batch_size,
-                                 backend=config.data.backend, crop=config.data.crop_size,
-                                 num_workers=config.data.num_workers, seed=config.eval.seed)
-        val_logits, val_present, val_labels = branch_logits_on(models[method.checkpoint], val_loader, device)
-        weights[method.name] = fit_branch_weights(val_logits, val_present, val_labels, info.multilabel)
-        val_branches = branch_scores(val_logits, val_present, val_labels, info.multilabel)
-        with torch.no_grad():
-            model = models[method.checkpoint]
-            out = model.fuse({m: f.to(device) for m, f in feats[method.checkpoint].items()}, has.to(device))
-        test_branches = branch_scores({m: v.cpu() for m, v in out["unimodal"].items()}, has, labels, info.multilabel)
+        model = models[method.checkpoint]
+        val_feats, _, _, val_labels, val_has = _features({method.checkpoint: model},
+                                                         split_loader(config.eval.val_split), device, info.modalities)
+        val_logits = branch_logits(model, val_feats[method.checkpoint], val_has, device)
+        weights[method.name] = fit_branch_weights(val_logits, val_has, val_labels, info.multilabel)
+        val_branches = branch_scores(val_logits, val_has, val_labels, info.multilabel)
+        test_branches = branch_scores(branch_logits(model, feats[method.checkpoint], has, device), has, labels,
+                                      info.multilabel)
     fitted = fit_baselines(config)
     baseline_logits = {m: b.logits(inputs[m], info.num_classes, info.multilabel) for m, b in fitted.items()}
     scenarios = config.eval.scenario_names(info.modalities)

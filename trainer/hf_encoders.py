@@ -30,7 +30,6 @@ What each encoder converts, so that the loaders stay as they are (DESIGN.md load
 """
 from __future__ import annotations
 
-import hashlib
 import inspect
 import json
 import logging
@@ -43,6 +42,8 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 from torch import nn
+
+from shards.writer import sha256_file
 
 log = logging.getLogger(__name__)
 
@@ -271,7 +272,7 @@ def check_tokenizer(folder: Path, config: Any, params: Mapping[str, Any]) -> Non
                          f"tokenizer, not {folder}'s; {rebuild}")
     file = folder / "tokenizer.json"
     if file.is_file():
-        digest = hashlib.sha256(file.read_bytes()).hexdigest()
+        digest = sha256_file(file)
         if digest != params.get("sha256"):
             raise ValueError(f"hf_text: the {dataset} shards were tokenised with another tokenizer.json (from "
                              f"{params.get('source')!r}, sha256 {str(params.get('sha256'))[:12]}) than {file} "

@@ -23,6 +23,7 @@ import os
 import signal
 import sys
 import threading
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -36,17 +37,23 @@ from trainer.resources import cluster_view, ensure_fits, has_auto, resolve_auto
 from trainer.tracking import TrackingError, check_tracking
 
 log = logging.getLogger("trainer.launch")
+
+
+def _states(run_dir: Path) -> Iterator[tuple[Path, dict]]:
+    """A stage's checkpoints with their state.pt, newest first; one being written when the run died (no
+    state.pt, or an unreadable one) is skipped."""
+    for ckpt in sorted((p for p in run_dir.glob("checkpoint_*") if (p / "state.pt").is_file()), reverse=True):
+        try:
+            yield ckpt, load_state(ckpt)
+        except Exception:
+            continue
+
+
 def finished_checkpoint(run_dir: Path, plan: Schedule) -> Path | None:
     """The checkpoint of a stage that already ran all its epochs (or, with "auto", stopped early), if any."""
-    for ckpt in sorted(run_dir.glob("checkpoint_*"), reverse=True):
-        state_file = ckpt / "state.pt"
-        if state_file.is_file():
-            try:
-                state = load_state(ckpt)
-            except Exception:  # a checkpoint being written when the run died: ignore it
-                continue
-            if (state["metrics"].get("finished") is True) if plan.auto else state["epoch"] >= plan.limit:
-                return ckpt
+    for ckpt, state in _states(run_dir):
+        if (state["metrics"].get("finished") is True) if plan.auto else state["epoch"] >= plan.limit:
+            return ckpt
     return None
 
 
@@ -136,13 +143,8 @@ def init_record(checkpoint: Path | None) -> dict | None:
 
 
 def _latest_state(run_dir: Path) -> dict | None:
-    """The newest readable state.pt of a stage's run (one being written when the run died is skipped)."""
-    for ckpt in sorted((p for p in run_dir.glob("checkpoint_*") if (p / "state.pt").is_file()), reverse=True):
-        try:
-            return load_state(ckpt)
-        except Exception:
-            continue
-    return None
+    """The newest readable state.pt of a stage's run."""
+    return next((state for _, state in _states(run_dir)), None)
 
 
 def check_same_run(config: Config, stage: str, run_dir: Path, init: dict | None = None) -> bool:

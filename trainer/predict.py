@@ -103,13 +103,13 @@ def predict(model_dir: str | Path, shards_dir: str | Path, out: str | Path, *, s
     loader = make_loader(shards_dir, split, batch_size, backend=backend, device="gpu" if on_gpu else "cpu",
                          device_id=(dev.index or 0) if on_gpu else None, scenario=specs[0], seed=seed,
                          crop=meta.get("inputs", {}).get("crop"), num_workers=num_workers)
+    masks = [parse_scenario(spec, info.modalities) for spec in specs[1:]]  # the first is the loader's own
     keys, labels, presents, probs = [], [], [], []
     with torch.no_grad():
         for batch in tqdm(loader, desc=f"predict {split}", unit="batch", disable=not progress):
             present = batch["present"].cpu()
-            for spec in specs[1:]:  # the first one is the loader's own scenario
-                keep = scenario_keep(batch["key"], info.modalities, parse_scenario(spec, info.modalities), seed)
-                present = present & torch.from_numpy(keep)
+            for mask in masks:
+                present = present & torch.from_numpy(scenario_keep(batch["key"], info.modalities, mask, seed))
             inputs = {m: batch[m].to(dev, non_blocking=True) for m in info.modalities}
             logits = model({**inputs, "present": present.to(dev)})["logits"].float()
             probs.append((logits.sigmoid() if info.multilabel else logits.softmax(dim=1)).cpu())

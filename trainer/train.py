@@ -126,8 +126,8 @@ def may_skip_branch(stage: Stage, info, fusion: str) -> bool:
     """Whether a step can leave some parameters without a gradient (DDP then needs find_unused_parameters):
     a modality absent from a whole batch (augmentation or natural missingness) skips its encoder, and with
     concat fusion the fused loss does not reach the heads."""
-    natural = any(counts.get(f"has_{m}", counts.get("samples", 0)) < counts.get("samples", 0)
-                  for counts in info.splits.values() for m in info.modalities)
+    natural = any(split.get(f"has_{m}", split.get("samples", 0)) < split.get("samples", 0)
+                  for split in info.splits.values() for m in info.modalities)
     return stage.augment != "none" or natural or fusion == "concat"
 
 
