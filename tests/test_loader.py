@@ -481,3 +481,49 @@ def test_the_gpu_pipeline_graph_is_well_formed_without_a_gpu(train: bool, corpus
     devices = [out.device for out in pipe._graph_outputs]
     # visual, audio on the GPU; label, present and the decoded frames' shapes (checked on the host) on the CPU
     assert devices == ["gpu", "gpu", "cpu", "cpu", "cpu"]
+
+
+# ----------------------------------------------------------------------------------------------- on a GPU
+# Skipped without a CUDA device (CI has none); `pytest tests/test_loader.py -k gpu` on a GPU machine runs them.
+# nvJPEG and the GPU resize/FFT are not bit-identical to their CPU counterparts: the tolerances are those
+# of the DALI/torch parity above.
+needs_gpu = pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA device")
+
+
+@needs_dali
+@needs_gpu
+@pytest.mark.parametrize("scenario", ["full", "rate:audio=0.5"])
+@pytest.mark.parametrize("crop", [64, NO_RESIZE_CROP], ids=["resize", "no_resize"])
+def test_dali_gpu_agrees_with_dali_cpu_in_evaluation(scenario: str, crop: int, corpus: Corpus, epoch_of) -> None:
+    gpu = epoch_of("dali", crop=crop, scenario=scenario, device="gpu", device_id=0)
+    cpu = epoch_of("dali", crop=crop, scenario=scenario)
+    assert all(b["visual"].is_cuda and b["audio"].is_cuda for b in gpu)
+    check_contract(corpus, [{k: v.cpu() if torch.is_tensor(v) else v for k, v in b.items()} for b in gpu], crop)
+    assert rows(gpu) == rows(cpu)
+    visual = (cat(gpu, "visual").cpu() - cat(cpu, "visual")).abs()
+    audio = (cat(gpu, "audio").cpu() - cat(cpu, "audio")).abs()
+    print(f"dali gpu vs cpu, crop {crop}, {scenario}: visual max {visual.max():.4g} mean {visual.mean():.3g}, "
+          f"audio max {audio.max():.4g}")
+    assert visual.max() <= VISUAL_MAX_TOL and visual.mean() <= VISUAL_MEAN_TOL, (visual.max(), visual.mean())
+    assert audio.max() <= AUDIO_TOL, audio.max()
+
+
+@needs_dali
+@needs_gpu
+def test_dali_gpu_training_masks_are_the_cpu_pipelines(corpus: Corpus) -> None:
+    """The drop draws do not depend on the device: a GPU run resumed on a CPU (or compared with one) sees the
+    same present flags for the same seed and epoch."""
+    kwargs = dict(train=True, augment=DROP_ONE, seed=11, crop=32)
+    gpu = batches(corpus.path, "dali", device="gpu", device_id=0, **kwargs)
+    assert all(b["visual"].is_cuda for b in gpu)
+    assert rows(gpu) == rows(batches(corpus.path, "dali", **kwargs))
+
+
+@needs_gpu
+def test_torch_loader_on_a_gpu_yields_the_cpu_batches_on_the_device(corpus: Corpus) -> None:
+    gpu = batches(corpus.path, "torch", device="gpu", device_id=0, scenario="missing:audio")
+    cpu = batches(corpus.path, "torch", scenario="missing:audio")
+    assert rows(gpu) == rows(cpu)
+    for name in ("visual", "audio", "present", "label"):
+        assert cat(gpu, name).is_cuda
+        assert torch.equal(cat(gpu, name).cpu(), cat(cpu, name)), name
