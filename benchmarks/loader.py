@@ -56,7 +56,7 @@ from matplotlib.ticker import LogLocator, NullFormatter, ScalarFormatter
 from PIL import Image
 from torch.utils.data import DataLoader, Dataset, default_collate
 
-from corpus import CLIP, build_kinetics_sound, make_corpus  # benchmarks/ is on sys.path when a script there runs
+from corpus import CLIP, build_kinetics_sound, make_corpus, tile_shards  # benchmarks/ is on sys.path when a script there runs
 from figure import label_bars, save
 from machine import load_average, machine_info, machine_label
 from peers import Floor, OGMLoader, WdsLoader, extract_ogm, train_frames, webdataset_available
@@ -167,23 +167,28 @@ def measure(loader: Iterable[dict], repeats: int, warmup: int = 1) -> dict:
     for _ in range(warmup):
         for _batch in loader:
             pass
-    seconds, cpu, counts, firsts, devices = [], [], [], [], set()
+    seconds, cpu, counts, firsts, first_sizes, devices = [], [], [], [], [], set()
     for _ in range(repeats):
-        n, first = 0, None
+        n, first, first_n = 0, None, 0
         live_started = live_children_cpu_seconds()
         cpu_started = cpu_seconds()
         started = time.perf_counter()
         for batch in loader:
             if first is None:
-                first = time.perf_counter() - started
+                first, first_n = time.perf_counter() - started, len(batch["key"])
                 devices |= {str(batch[m].device) for m in ("visual", "audio", "text") if m in batch}
             n += len(batch["key"])
         seconds.append(time.perf_counter() - started)
         cpu.append(cpu_seconds() - cpu_started + live_children_cpu_seconds() - live_started)
         counts.append(n)
         firsts.append(first or 0.0)
+        first_sizes.append(first_n)
     rates = [n / s for n, s in zip(counts, seconds)]
+    # after the first batch: what a long epoch approaches (a DALI training pipeline is built per epoch, which
+    # took 1 s, and 6 s for the CPU pipeline, on a 16-core H200 host)
+    steady = [(n - first_n) / (s - f) for n, s, f, first_n in zip(counts, seconds, firsts, first_sizes) if s > f]
     return {"samples_per_s": round(statistics.median(rates), 2), "runs_samples_per_s": [round(r, 2) for r in rates],
+            "steady_samples_per_s": round(statistics.median(steady), 2) if steady else None,
             "epoch_seconds": [round(s, 3) for s in seconds], "samples_per_epoch": counts[0],
             "first_batch_s": round(statistics.median(firsts), 3), "output_devices": sorted(devices),
             "cpu_ms_per_sample": round(1000 * statistics.median(c / n for c, n in zip(cpu, counts)), 2),
@@ -250,6 +255,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--floor-samples", type=int, default=64,
                         help="samples the floor decodes per epoch (the first ones; its figure is per sample)")
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--tile", type=int, default=1,
+                        help="dali_gpu reads every train shard this many times per epoch: epochs long enough for "
+                             "a GPU's rate to show beyond the pipeline's build (the CPU loaders read each once)")
     parser.add_argument("--only", nargs="*", choices=LOADERS,
                         help="run only these loaders (ratios then cover what ran)")
     return parser.parse_args(argv)
@@ -295,6 +303,11 @@ def main(argv: list[str] | None = None) -> dict:
             src, args.out / f"shards_logmel_mels{args.n_mels}_ss{args.shard_size}",
             BuildOptions(n_mels=args.n_mels, shard_size=args.shard_size, audio_features="logmel",
                          audio_seconds=info.audio["seconds"]), args.workers)
+    if args.tile > 1:
+        dataset_for = {d: tile_shards(d, d.parent.parent / f"{d.parent.name}_x{args.tile}" / d.name, args.tile)
+                       for d in (dataset, logmel_dataset) if d is not None}
+    else:
+        dataset_for = {d: d for d in (dataset, logmel_dataset) if d is not None}
     tars = [str(tar) for tar, _ in split_shards(dataset, info, SPLIT)]
     # Forking DataLoader workers after DALI has started its threads is avoided: the DALI loaders run last.
     for name in loaders:
@@ -314,6 +327,7 @@ def main(argv: list[str] | None = None) -> dict:
             else:
                 backend, device = ("torch", "cpu") if name.startswith("torch") else ("dali", name.split("_")[1])
                 shards = logmel_dataset if name in STORED_LOGMEL else dataset
+                shards = dataset_for[shards] if name == "dali_gpu" else shards
                 loader = make_loader(shards, SPLIT, args.batch_size, backend=backend, device=device, train=True,
                                      augment=spec, seed=args.seed, crop=args.crop, num_workers=args.workers,
                                      device_id=0 if device == "gpu" else None)
@@ -331,7 +345,8 @@ def main(argv: list[str] | None = None) -> dict:
         "params": {"samples": n, "batch_size": args.batch_size, "repeats": args.repeats, "workers": args.workers,
                    "crop": args.crop, "n_mels": args.n_mels, "frames": info.visual["frames"],
                    "audio_seconds": info.audio["seconds"], "stored_short_side": info.visual["short_side"],
-                   "drops": drops, "augment": "DropSpec('independent', {'visual': p, 'audio': p})", "train": True,
+                   "drops": drops, "tile_dali_gpu": args.tile,
+                   "augment": "DropSpec('independent', {'visual': p, 'audio': p})", "train": True,
                    "floor_samples": min(n, args.floor_samples), "src": str(src), "generated": args.src is None,
                    "clip": None if args.src else CLIP},
         "dataset": {"path": str(dataset), "logmel_path": logmel_dataset and str(logmel_dataset),

@@ -60,6 +60,9 @@ class Profile:
     epochs: int = 2
     step_batches: int = 20
     tile: int = 1  # the training benchmark's epochs: every train shard this many times
+    loader_tile: int = 1  # the loader benchmark's dali_gpu: every train shard this many times per epoch
+    loader_only: list[str] = field(default_factory=list)  # the loader benchmark's loaders (all when empty)
+    step_batch_sizes: list[int] = field(default_factory=list)  # more batch sizes for the one-device step
     repeats: int = 3
 
 
@@ -70,7 +73,12 @@ def make_profile(device: str, quick: bool, cores: int, gpus: int) -> Profile:
         return Profile(clips=96 if quick else 384, val_clips=16 if quick else 32, build_clips=32 if quick else 64,
                        build_workers=[1, min(4, cores), cores] if cores > 4 else spread, loader_batch=64,
                        train_workers=list(range(1, gpus + 1)), epochs=2 if quick else 3,
-                       step_batches=10 if quick else 30, tile=4 if quick else 8)
+                       step_batches=10 if quick else 30, tile=4 if quick else 8,
+                       # a DALI training pipeline is built per epoch (1 s on an H200 host, 6 s for the CPU one):
+                       # epochs of thousands of samples measure the GPU's rate, not the build. The CPU-bound peers
+                       # (raw decoding took 90 s of a 10-minute run there) are measured by the CPU profiles.
+                       loader_tile=16, loader_only=["torch", "dali_cpu", "dali_gpu"],
+                       step_batch_sizes=[256])
     if quick:
         return Profile(clips=24, val_clips=8, build_clips=16, build_workers=[1, 2] if cores >= 2 else [1],
                        loader_batch=8, train_workers=[1, 2] if cores >= 2 else [1],
@@ -145,10 +153,15 @@ def benchmark_args(name: str, p: Profile, device: str, out: Path, src: Path, bui
         return ["--out", str(out / "build"), "--src", str(build_src), "--dataset", "kinetics_sound",
                 "--workers", *map(str, p.build_workers), *reps]
     if name == "loader":  # epochs of a second or less: more of them for a steadier median
-        return ["--out", str(out / "loader"), "--src", str(src), "--batch-size", str(p.loader_batch),
+        args = ["--out", str(out / "loader"), "--src", str(src), "--batch-size", str(p.loader_batch),
                 "--device", device, "--workers", str(cores), "--repeats", str(max(p.repeats, 5))]
+        if p.loader_only:
+            args += ["--only", *p.loader_only]
+        return args + ["--tile", str(p.loader_tile)]
     sets = [a for s in p.train_set for a in ("--set", s)]
+    steps = ["--step-batch-sizes", *map(str, p.step_batch_sizes)] if p.step_batch_sizes else []
     return ["--out", str(out / "train"), "--src", str(src), "--device", device, "--workers", *map(str, p.train_workers),
+            *steps,
             "--epochs", str(p.epochs), "--step-batches", str(p.step_batches), "--tile", str(p.tile), *sets, *reps]
 
 
@@ -194,9 +207,13 @@ def loader_section(r: dict) -> list[str]:
         lines += ["", f"`ogm`'s one-off pre-extraction (not timed): {files['clips']} clips, "
                   f"{files['bytes'] / 2 ** 20:.1f} MiB of JPEG files and `.npy` arrays, {files['seconds']:.1f} s."]
     refs = [ref for ref in ("raw", "ogm", "floor") if ratios.get(f"over_{ref}")]
-    lines += ["", "| loader | p | samples/s | CPU-ms per sample | first batch s | vs p=0 | "
+    if p.get("tile_dali_gpu", 1) > 1:
+        lines += ["", f"`dali_gpu` reads every shard {p['tile_dali_gpu']} times per epoch (a training pipeline is "
+                  "built per epoch; a short epoch would time the build, not the GPU). \"after first batch\" is the "
+                  "rate once the epoch's first batch is out: what a long epoch approaches."]
+    lines += ["", "| loader | p | samples/s | after first batch | CPU-ms per sample | first batch s | vs p=0 | "
               + " | ".join(f"samples/s / {ref} | CPU-ms / {ref}" for ref in refs) + " |",
-              "|---|" + "---|" * (5 + 2 * len(refs))]
+              "|---|" + "---|" * (6 + 2 * len(refs))]
 
     def ratio(x: float | None) -> str:
         return "-" if x is None else f"{x:.2f}x"
@@ -206,7 +223,8 @@ def loader_section(r: dict) -> list[str]:
             c, tag = configs[f"{n}_p{d:g}"], f"p{d:g}"
             over = [ratios[f"over_{ref}"].get(tag, {}).get(n, {}) for ref in refs]
             vs_p0 = ratios["drop_over_no_drop"].get(n) if d != drops[0] else None
-            lines.append(f"| {n} | {d:g} | {fmt(c['samples_per_s'])} | {fmt(c['cpu_ms_per_sample'])} | "
+            lines.append(f"| {n} | {d:g} | {fmt(c['samples_per_s'])} | {fmt(c.get('steady_samples_per_s'))} | "
+                         f"{fmt(c['cpu_ms_per_sample'])} | "
                          f"{fmt(c.get('first_batch_s'), 2)} | {ratio(vs_p0)} | "
                          + " | ".join(f"{ratio(o.get('samples_per_s'))} | {ratio(o.get('cpu_ms_per_sample'))}"
                                       for o in over) + " |")
@@ -226,14 +244,15 @@ def train_section(r: dict) -> list[str]:
         lines[0] += " Config overrides: " + ", ".join(f"`{o}`" for o in p["overrides"]) + "."
     s = r.get("step")
     if s:
+        steps = [s, *r.get("step_at_batch_size", {}).values()]
         lines += ["", f"**One device ({s['device']}, autocast {s['autocast'] or 'off'}, {s['backend']})**: the loader "
                   "alone (batches moved to the device), the training step alone on a resident batch, and both together "
                   "as the trainer runs them (data stall = share of wall time waiting for the next batch).", "",
-                  "| loader supply samples/s | step consumption samples/s | step ms | loader + step samples/s | "
-                  "supply / consumption | data stall |", "|---|---|---|---|---|---|",
-                  f"| {fmt(s['supply_samples_per_s'])} | {fmt(s['consumption_samples_per_s'])} | {fmt(s['step_ms'])} | "
-                  f"{fmt(s['loop_samples_per_s'])} | {s['supply_over_consumption']:.2f} | "
-                  f"{100 * s['data_stall_fraction']:.1f}% |"]
+                  "| batch | loader supply samples/s | step consumption samples/s | step ms | loader + step samples/s | "
+                  "supply / consumption | data stall |", "|---|---|---|---|---|---|---|"]
+        lines += [f"| {x['batch_size']} | {fmt(x['supply_samples_per_s'])} | {fmt(x['consumption_samples_per_s'])} | "
+                  f"{fmt(x['step_ms'])} | {fmt(x['loop_samples_per_s'])} | {x['supply_over_consumption']:.2f} | "
+                  f"{100 * x['data_stall_fraction']:.1f}% |" for x in steps]
     if r.get("ray"):
         lines += ["", f"**Ray Train** (`joint` stage through `trainer.launch.run_stage`, DDP; last of {p['epochs']} "
                   "epochs from metrics.jsonl; data wait is rank 0's; scaling efficiency = N-worker samples/s / "

@@ -155,6 +155,8 @@ def step_benchmark(config: Config, device: torch.device, amp: bool, batches: int
     def step(batch: dict) -> torch.Tensor:  # the trainer's step: the loss stays on the device
         return train_step(model, batch, optimizer, STAGES[STAGE], info, amp)
 
+    log.info("step: %s, batch %d on %s, %d warm-up and %d timed batches per phase", type(loader).__name__, bs, device,
+             warmup, batches)
     stream = endless(loader)
     resident = to_device(next(stream), device)
     for _ in range(warmup):  # cudnn autotuning, DALI start-up, allocator growth
@@ -167,6 +169,7 @@ def step_benchmark(config: Config, device: torch.device, amp: bool, batches: int
             to_device(next(stream), device)
         sync(device)
         runs["supply"].append(batches * bs / (time.perf_counter() - started))
+        log.info("step: loader supply %.1f samples/s", runs["supply"][-1])  # a phase at a time: a slow one shows
 
         started = time.perf_counter()
         for _ in range(batches):
@@ -312,14 +315,16 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--no-ray", dest="ray", action="store_false", help="skip the Ray Train runs")
     parser.add_argument("--step-batches", type=int, default=20, help="batches per timed step phase (0: skip)")
     parser.add_argument("--warmup-batches", type=int, default=3)
+    parser.add_argument("--step-batch-sizes", type=int, nargs="*", default=[], metavar="B",
+                        help="also measure the one-device step at these batch sizes (data.batch_size otherwise)")
     parser.add_argument("--amp", choices=("auto", "bf16", "none"), default="auto",
                         help="autocast of the step measurement and the Ray runs (train.amp): auto is bf16 on a "
                              "GPU, none on the CPU")
     args = parser.parse_args(argv)
     if min(args.workers) <= 0 or args.repeats <= 0 or args.epochs < 2 or args.clips <= 0 or args.tile < 1:
         parser.error("--workers, --repeats, --clips and --tile must be positive and --epochs at least 2")
-    if args.step_batches < 0 or args.warmup_batches < 0:
-        parser.error("--step-batches and --warmup-batches must be >= 0")
+    if args.step_batches < 0 or args.warmup_batches < 0 or any(b <= 0 for b in args.step_batch_sizes):
+        parser.error("--step-batches and --warmup-batches must be >= 0, --step-batch-sizes positive")
     args.workers = sorted(set(args.workers))
     return args
 
@@ -360,6 +365,10 @@ def main(argv: list[str] | None = None) -> dict:
     }
     if args.step_batches:
         result["step"] = step_benchmark(config, device, amp, args.step_batches, args.warmup_batches, args.repeats)
+        result["step_at_batch_size"] = {
+            str(b): step_benchmark(dataclasses.replace(config, data=dataclasses.replace(config.data, batch_size=b)),
+                                   device, amp, args.step_batches, args.warmup_batches, args.repeats)
+            for b in args.step_batch_sizes if b != config.data.batch_size}
         if device.type == "cuda":
             torch.cuda.empty_cache()  # give the GPU memory back before Ray's workers take the same GPU
     if args.ray:

@@ -131,18 +131,22 @@ def clip_frames(jpegs: list, use, params: ModalityParams, gpu: bool, train: bool
         shapes = [fn.peek_image_shape(j) for j in jpegs]
         frame_shapes = fn.stack(*shapes)
         device = "mixed" if gpu else "cpu"
+        # nvJPEG upsamples chroma by replication unless asked to interpolate as libjpeg-turbo does: without this
+        # the GPU frames differ from the CPU ones by up to 3 normalised units at colour edges (measured on an
+        # H200), a shift between a model trained on one device and evaluated on the other
+        upsampling = {"jpeg_fancy_upsampling": True} if gpu else {}
         if train:
             anchor, window = fn.random_crop_generator(shapes[0], random_area=[min_crop_area, 1.0],
                                                       random_aspect_ratio=[3 / 4, 4 / 3], seed=seed + 1)
             decoded = [fn.decoders.image_slice(j, anchor, window, axis_names="HW", normalized_anchor=False,
-                                               normalized_shape=False, device=device, output_type=types.RGB)
+                                               normalized_shape=False, device=device, output_type=types.RGB, **upsampling)
                        for j in jpegs]
             # the windows share one size: stacked, they are resized by one operator (fewer operators than one
             # resize per frame, and 3-4% less CPU for the frames in a steady run)
             clip = fn.resize(fn.stack(*decoded, axis_name="F"), size=[visual.crop, visual.crop], antialias=True)
             mirror = fn.random.coin_flip(probability=0.5, seed=seed + 2) if flip else 0
         else:
-            decoded = [fn.decoders.image(j, device=device, output_type=types.RGB) for j in jpegs]
+            decoded = [fn.decoders.image(j, device=device, output_type=types.RGB, **upsampling) for j in jpegs]
             clip = fn.resize(fn.stack(*decoded, axis_name="F"), resize_shorter=visual.crop, antialias=True)
             mirror = 0
         frames = fn.crop_mirror_normalize(
@@ -319,7 +323,8 @@ class DaliLoader(EpochLoader):
         self._pipe = None
         self._pipe_epoch = -1
         self._checkpoint: str | None = None
-        self._planned = self._scheduled = self._consumed = 0  # iterations of the current pipeline
+        self._planned = self._scheduled = self._consumed = 0  # iterations of the current pass of the pipeline
+        self._primed = False  # the pipeline's first schedule_run (which prefetches) has been made
 
     def _build(self) -> None:
         """A pipeline for the current epoch: its shuffle and masks depend on (seed, epoch, shard) only, so
@@ -331,6 +336,7 @@ class DaliLoader(EpochLoader):
         self._scheduled = self._consumed = 0
         self._pipe = self.make_pipeline()
         self._pipe.build()
+        self._primed = False
         self._pipe_epoch = self.epoch
         for _ in range(replay):
             self._run()
@@ -341,9 +347,13 @@ class DaliLoader(EpochLoader):
         but never past the epoch's last batch: the pipeline is rebuilt for every epoch, so an iteration
         prefetched beyond it (what `Pipeline.run` does) would read and decode a batch for nothing."""
         pipe = self._pipe
-        if self._scheduled == 0:
+        if not self._primed:
             pipe.schedule_run()  # the first call prefetches `prefetch_queue_depth` iterations
-            self._scheduled = pipe.prefetch_queue_depth
+            self._scheduled, self._primed = pipe.prefetch_queue_depth, True
+        elif self._scheduled == 0:  # a pipeline kept from the last pass: each call schedules one iteration
+            for _ in range(min(pipe.prefetch_queue_depth, self._planned)):
+                pipe.schedule_run()
+                self._scheduled += 1
         elif self._consumed >= self._scheduled:  # asked for more than planned
             pipe.schedule_run()
             self._scheduled += 1
@@ -418,7 +428,15 @@ class DaliLoader(EpochLoader):
                                  keys, self.info.multilabel)
 
     def _epoch_done(self) -> None:
-        self._pipe = None
+        """Training builds the next epoch's pipeline (its order and draws depend on the epoch). Evaluation keeps
+        its pipeline for the next pass, which reads the same part in the same order: the padded last batch
+        ends the reader's pass over its shard exactly, and the scenario's masks cycle with it; so a validation
+        loader builds once per run (a build costs 1 to 6 s on a 16-core GPU host)."""
+        if self.train or self._consumed != self._scheduled or self._pipe is None:
+            self._pipe = None
+            return
+        self._pipe_epoch = self.epoch + 1
+        self._planned, self._scheduled, self._consumed = len(self), 0, 0
 
     def _check_frame_sizes(self, shapes, keys: list[str]) -> None:
         """Raise DecodeFailure naming the first frame of the batch whose decoded (height, width) is not the one

@@ -123,6 +123,7 @@ def test_the_loader_benchmark_reports_every_loader_against_the_research_loader_a
     assert set(results["targets"]) == {f"{n} CPU-ms/sample <= ogm (p={p})" for n in ("torch", "torch_logmel")
                                        for p in ("0", "0.3")}
     assert all(c["cpu_ms_per_sample"] > 0 for c in results["configs"].values())
+    assert all(c["steady_samples_per_s"] > 0 for c in results["configs"].values() if c["loader"] != "floor")
     table = run.loader_section(results)
     rows = [line for line in table if line.startswith(tuple(f"| {n} |" for n in names))]
     assert len(rows) == 2 * len(names)
@@ -142,6 +143,20 @@ def test_the_loader_benchmark_counts_the_cpu_time_of_workers_still_alive(monkeyp
     finally:
         worker.kill()
         worker.wait()
+
+
+def test_the_step_benchmark_measures_each_batch_size_asked_for(kinetics_sound_built, tmp_path: Path,
+                                                                 monkeypatch: pytest.MonkeyPatch) -> None:
+    train = bench_module("train", monkeypatch)
+    run = bench_module("run", monkeypatch)
+    result = train.main(["--out", str(tmp_path), "--shards", str(kinetics_sound_built.path), "--no-ray",
+                         "--step-batches", "1", "--warmup-batches", "0", "--repeats", "1", "--step-batch-sizes", "1", "2",
+                         "--set", "model.width=4", "--set", "data.crop_size=32", "--set", "data.batch_size=1",
+                         "--set", "data.backend=torch", "--set", "data.num_workers=0"])
+    assert result["step"]["batch_size"] == 1 and list(result["step_at_batch_size"]) == ["2"]
+    assert result["step_at_batch_size"]["2"]["batch_size"] == 2
+    table = run.train_section(result)
+    assert [line.split("|")[1].strip() for line in table if line.startswith("| 1 |") or line.startswith("| 2 |")] == ["1", "2"]
 
 
 # ------------------------------------------------------------------ the build benchmark and its corpus generator

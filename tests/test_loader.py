@@ -483,6 +483,27 @@ def test_the_gpu_pipeline_graph_is_well_formed_without_a_gpu(train: bool, corpus
     assert devices == ["gpu", "gpu", "cpu", "cpu", "cpu"]
 
 
+@needs_dali
+def test_dali_evaluation_builds_its_pipeline_once_for_every_pass(corpus: Corpus, epoch_of) -> None:
+    """A validation loader is iterated once per training epoch: its later passes reuse the pipeline (no build,
+    which costs seconds on a GPU host) and yield exactly what a fresh loader yields, masks included."""
+    loader = make_loader(corpus.path, SPLIT, 4, backend="dali", scenario="rate:audio=0.5", crop=32, num_workers=2)
+    builds = []
+    make = loader.make_pipeline
+    loader.make_pipeline = lambda: builds.append(1) or make()
+    passes = [list(loader) for _ in range(3)]
+    assert len(builds) == 1
+    fresh = epoch_of("dali", crop=32, scenario="rate:audio=0.5")
+    for got in passes:
+        assert rows(got) == rows(fresh)
+        assert torch.equal(cat(got, "visual"), cat(fresh, "visual"))
+        assert torch.equal(cat(got, "audio"), cat(fresh, "audio"))
+    half = next(iter(loader))  # a pass stopped early, then a new epoch: a fresh pipeline, the same batches
+    loader.set_epoch(loader.epoch + 1)
+    assert rows([half]) == rows(fresh[:1]) and rows(list(loader)) == rows(fresh)
+    assert len(builds) == 2
+
+
 # ----------------------------------------------------------------------------------------------- on a GPU
 # Skipped without a CUDA device (CI has none); `pytest tests/test_loader.py -k gpu` on a GPU machine runs them.
 # nvJPEG and the GPU resize/FFT are not bit-identical to their CPU counterparts: the tolerances are those
