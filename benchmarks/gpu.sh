@@ -6,10 +6,10 @@
 #
 # 1. Makes a virtual environment (VENV, default .venv-gpu) that also sees the machine's own packages
 #    (--system-site-packages), so a CUDA build of the pinned PyTorch already installed there is used as it
-#    is, and installs the project into it with its `bench` extra: `pip install -e '.[bench]'` from the
-#    package index, or `pip install --no-index --find-links DIR` from the wheel folder (which then holds
-#    the wheels of every dependency, setuptools included: see benchmarks/README.md). DALI is the default
-#    dependency's CUDA 12 build, which also runs on CUDA 13 drivers.
+#    is, and installs the project into it (`--no-deps`), then its dependencies and `bench` extra without
+#    torch, from the package index or with `pip install --no-index --find-links DIR` from the wheel folder
+#    (which then holds the wheels of every dependency: see benchmarks/README.md). DALI is the CUDA 13 build
+#    under a CUDA 13 PyTorch, else the default dependency's CUDA 12 build.
 # 2. Prints nvidia-smi and the versions, then runs `benchmarks/run.py --device gpu --out OUT` (default
 #    OUT=./gpu-bench): DALI `mixed` decoding and the GPU spectrogram against the DALI CPU, torch and raw
 #    baselines, the Kinetics-Sound training step under bf16 autocast against the loader, Ray Train, the
@@ -47,7 +47,26 @@ if [[ -n $WHEELS ]]; then
 else
     source=()
 fi
-"$VENV/bin/python" -m pip install -q "${source[@]}" -e "$ROOT[bench]"
+# The machine's own CUDA build of PyTorch stays: pyproject.toml pins the release the project is tested with,
+# which a GPU image rarely has (and offline cannot get), so the project goes in without its dependencies and
+# they follow from pyproject.toml without torch; DALI's build matches torch's CUDA major version.
+"$VENV/bin/python" -m pip install -q "${source[@]}" --no-deps --no-build-isolation -e "$ROOT"
+mapfile -t deps < <("$VENV/bin/python" - "$ROOT/pyproject.toml" <<'PY'
+import re, sys, tomllib
+import torch
+project = tomllib.load(open(sys.argv[1], "rb"))["project"]
+cuda13 = (torch.version.cuda or "").startswith("13")
+for dep in project["dependencies"] + project["optional-dependencies"]["bench"]:
+    name = re.split(r"[<>=\[;! ]", dep, maxsplit=1)[0]
+    if name == "torch":
+        continue
+    if name == "nvidia-dali-cuda120" and cuda13:
+        dep = dep.replace("cuda120", "cuda130")
+    # ray's `default` extra (dashboard) is not needed to train and wants newer aiohttp than GPU images carry
+    print(dep.replace("ray[train,default]", "ray[train]"))
+PY
+)
+"$VENV/bin/python" -m pip install -q "${source[@]}" "${deps[@]}"
 "$VENV/bin/python" - <<'EOF'
 import torch, nvidia.dali, ray
 print(f"gpu.sh: torch {torch.__version__} (CUDA {torch.version.cuda}), cuda available {torch.cuda.is_available()}, "
