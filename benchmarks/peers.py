@@ -52,11 +52,10 @@ import torch
 from PIL import Image
 from torch.utils.data import DataLoader, Dataset
 
-from shards.features import AudioParams, VisualParams, log_mel, mel_filters
+from shards.features import AudioParams, VisualParams, crop_rng, log_mel, mel_filters, random_resized_box
 from shards.format import DatasetInfo, frame_member
-from shards.masks import DropSpec, augment_keep, key_uniform, resolve_present
+from shards.masks import DropSpec, augment_keep, resolve_present
 from shards.sample_refs import SampleRef, split_samples
-from shards.torch_loader import random_resized_box
 
 IMAGENET_MEAN, IMAGENET_STD = [0.485, 0.456, 0.406], [0.229, 0.224, 0.225]
 
@@ -89,11 +88,6 @@ def train_frames(images: list[Image.Image], p: VisualParams, rng: np.random.Gene
     clip = crop_frames(images, p.crop, rng).astype(np.float32)
     clip = (clip - 255.0 * np.array(p.mean, np.float32)) / (255.0 * np.array(p.std, np.float32))
     return np.ascontiguousarray(clip.transpose(0, 3, 1, 2))
-
-
-def crop_rng(key: str, seed: int, epoch: int) -> np.random.Generator:
-    """The crop and flip draws of one sample in one epoch, whatever process decodes it."""
-    return np.random.default_rng(int(key_uniform(key, seed, f"crop:{epoch}") * 2**63))
 
 
 def drop_mask(key: str, has: list[bool], modalities: list[str], spec: DropSpec, seed: int, epoch: int) -> np.ndarray:

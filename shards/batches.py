@@ -51,10 +51,17 @@ class LoaderOptions:
         return self.device == "gpu"
 
 
+def epoch_order(n: int, seed: int, epoch: int) -> np.ndarray:
+    """The order of a training epoch over a split's n samples: one permutation fixed by (seed, epoch), the same
+    on every worker whatever the number of workers."""
+    return np.random.default_rng([seed, epoch]).permutation(n)
+
+
 @dataclass(frozen=True)
 class WorkerPart:
-    """One training worker's share: `shard_id` of `num_shards` contiguous parts of the split (DALI's rule,
-    `shards.sample_refs.shard_range`), the `seed` of its shuffles and masks, and the epoch it starts at."""
+    """One worker's share: worker `shard_id` of `num_shards`, the `seed` of its shuffles and masks, and the
+    epoch it starts at. In evaluation a worker reads a contiguous part of the split (`of`, the rule of
+    `shards.sample_refs.shard_range`); in training a strided slice of the epoch's order (`positions`)."""
 
     shard_id: int = 0
     num_shards: int = 1
@@ -68,33 +75,65 @@ class WorkerPart:
         """The indices of this part among n samples."""
         return shard_range(n, self.shard_id, self.num_shards)
 
+    def positions(self, n: int, epoch: int, start: int, count: int) -> np.ndarray:
+        """The split indices this worker trains on in `epoch`, from global position `start` of the epoch's order
+        on: every `num_shards`-th one, `count` of them. A step of W workers with batch B consumes positions
+        [start + k W B, start + (k + 1) W B) of the order, so the samples consumed are a prefix of the order
+        for any W, and a run resumed at position `start` on another number of workers sees each of the
+        others exactly once."""
+        return epoch_order(n, self.seed, epoch)[start + self.shard_id::self.num_shards][:count]
+
 
 class EpochLoader:
     """Epochs of batches with resume: `len` is the steps of an epoch (in training the same on every worker,
     so DDP workers step together), an epoch that runs to its end moves on to the next, `state_dict` /
-    `load_state_dict` carry (epoch, batches consumed), and `set_epoch` starts another epoch from its first
-    batch. `part` and `options` are kept as make_loader built them. A subclass yields the current epoch's
-    batches from batch `batches_done` on (`_epoch_batches`)."""
+    `load_state_dict` carry (epoch, batches consumed, and in training the global position in the epoch's
+    order), and `set_epoch` starts another epoch from its first batch. `part` and `options` are kept as
+    make_loader built them. A subclass yields the current epoch's batches from batch `batches_done` on
+    (`_epoch_batches`), reading the samples `indices()` names.
+
+    Resume on another number of workers (or batch size): a training state also holds `samples_done`, the
+    epoch's samples consumed by all workers together (a prefix of the epoch's order, see
+    `WorkerPart.positions`); a loader of another world size goes on from there (`start`), with the epoch's
+    remaining samples split among its workers, each seen once."""
 
     def __init__(self, total: int, batch_size: int, train: bool, part: WorkerPart, options: LoaderOptions) -> None:
         self.batch_size, self.train, self.part, self.options = batch_size, train, part, options
         self._total, self._part_size = total, len(part.of(total))
         self.epoch, self.batches_done = part.epoch, 0
+        self.start = 0  # training: the epoch's samples consumed before this loader's pass (a resume), all workers
 
     def __len__(self) -> int:
         if self.train:
-            return training_steps(self._total, self.part.num_shards, self.batch_size)
+            return training_steps(self._total - self.start, self.part.num_shards, self.batch_size)
         return -(-self._part_size // self.batch_size)
 
+    def indices(self) -> np.ndarray:
+        """The split indices of this worker's samples in the current epoch, in the order they are batched."""
+        if self.train:
+            return self.part.positions(self._total, self.epoch, self.start, len(self) * self.batch_size)
+        part = self.part.of(self._total)
+        return np.arange(part.start, part.stop)
+
     def state_dict(self) -> dict:
-        return {"epoch": self.epoch, "batches_done": self.batches_done}
+        state = {"epoch": self.epoch, "batches_done": self.batches_done}
+        if self.train:
+            state.update(start=self.start, num_shards=self.part.num_shards, batch_size=self.batch_size,
+                         samples_done=self.start + self.batches_done * self.batch_size * self.part.num_shards)
+        return state
 
     def load_state_dict(self, state: dict) -> None:
-        self.epoch, self.batches_done = state["epoch"], state["batches_done"]
+        self.epoch = state["epoch"]
+        same = (state.get("num_shards", self.part.num_shards) == self.part.num_shards
+                and state.get("batch_size", self.batch_size) == self.batch_size)
+        if same or not self.train:
+            self.start, self.batches_done = state.get("start", 0), state["batches_done"]
+        else:  # another world size: go on from the epoch's global position
+            self.start, self.batches_done = min(state["samples_done"], self._total), 0
 
     def set_epoch(self, epoch: int) -> None:
         if epoch != self.epoch:
-            self.epoch, self.batches_done = epoch, 0
+            self.epoch, self.batches_done, self.start = epoch, 0, 0
 
     def __iter__(self) -> Iterator[dict]:
         batches = self._epoch_batches()
@@ -109,7 +148,7 @@ class EpochLoader:
         finally:  # also when the consumer stops early
             batches.close()
         self._epoch_done()
-        self.epoch, self.batches_done = self.epoch + 1, 0
+        self.epoch, self.batches_done, self.start = self.epoch + 1, 0, 0
 
     def _epoch_batches(self) -> Iterator[dict | None]:
         """The current epoch's batches from batch `batches_done` on; None for a batch with nothing to yield."""

@@ -1,71 +1,61 @@
 """The DALI loader: one `@pipeline_def` for every dataset's modalities, with missing-modality masks fused in.
 
-Per sample, the pipeline decides which modalities are present (natural missingness from empty members,
-then the training augmentation or the evaluation scenario) and only decodes those: a dropped modality
-takes the `else` branch, which yields zeros without touching its bytes. With a GPU, JPEGs are decoded by
-nvJPEG (`mixed`) and the spectrogram, mel filter bank and decibels run on the GPU; without one
-(`device_id=None`) everything runs on the CPU. Stored spectrograms (FLOAT), stored log-mel (FLOAT16) and
-token ids (INT32) are read as typed members whose first 128 bytes (the .npy header) are sliced off, as the
-label is. The pipeline function calls one helper per modality (`clip_frames`, `waveform_log_mel`,
-`stored_spectrogram`, `token_ids`), each with its `if use:` / `else:` branch.
+Per sample, the loader decides on the host which modalities are present (natural missingness from the
+members the index lists, then the training augmentation or the evaluation scenario: `shards.masks`, the
+same functions as the torch loader's) and the pipeline only decodes those: a dropped modality takes the
+`else` branch, which yields zeros, and its bytes are not even read. With a GPU, JPEGs are decoded by nvJPEG
+(`mixed`, with libjpeg-turbo's chroma upsampling so that GPU and CPU frames agree) and the spectrogram, mel
+filter bank and decibels run on the GPU; without one (`device_id=None`) everything runs on the CPU. Stored
+spectrograms (FLOAT), stored log-mel (FLOAT16) and token ids (INT32) arrive as typed members whose first
+128 bytes (the .npy header) are sliced off. The pipeline function calls one helper per modality
+(`clip_frames`, `waveform_log_mel`, `stored_spectrogram`, `token_ids`), each with its `if use:` / `else:`
+branch.
 
-Frames. In training one random window per clip (`fn.random_crop_generator` on the first frame's header
-shape) is decoded from every frame with `fn.decoders.image_slice` (libjpeg-turbo / nvJPEG ROI decoding); the
-windows, all of one size, are stacked and resized to the crop by one operator, so neither the pixels outside
-the window nor whole frames are ever decoded or copied. Evaluation decodes whole frames and resizes their
-short side: the centre crop of an antialiased resize needs pixels outside the crop window, and its output
-stays the one the parity test pins against the torch loader. The frame-size check reads the JPEG headers
-(`fn.peek_image_shape`). On 2 cores, `num_threads` = the workers asked for, capped at the cores (3 threads
-were no faster than 2), and `prefetch_queue_depth` 2 (1 cost the same CPU per sample, 3 more).
+Reading. The pipeline's input is an external source (`SampleFeed`) that reads each sample's members by the
+offsets in the `.idx` files (`shards.members.ShardFiles`, one descriptor per tar, `os.pread`), batch by
+batch in the order the loader sets for the epoch, and raises StopIteration at the epoch's end. In training
+that order is the worker's strided slice of one permutation of the whole split fixed by (seed, epoch)
+(`WorkerPart.positions`); in evaluation the worker's contiguous part. So the pipeline is built once per
+loader and serves every epoch (a build costs 1 to 6 s on a 16-core GPU host), an epoch reads exactly its
+batches (nothing is decoded past its end), a fresh loader at epoch e reproduces epoch e, and a resume at
+any global position, on any number of workers, goes on with the samples not yet seen, each once. DALI's
+own reader (`fn.readers.webdataset`) cannot do the last two: its shards are contiguous per worker, its
+shuffle is a buffer of a few shards, and its checkpoint needs the identical pipeline.
 
-Cost per sample (measured on 2 cores with perf and `benchmarks/loader.py`; in a steady run the antialiased
-resize of the windows is a quarter of the CPU time, the log-mel a fifth, the JPEG decoding a twentieth).
-The pipeline of an epoch schedules no iteration past the epoch's last batch (`Pipeline.run` prefetches one
-more, which a pipeline rebuilt per epoch would decode for nothing: a third of a 3-batch epoch); without
-random drops the present flags are the members' sizes, with no operator for draws that cannot drop
-anything; CPU outputs become torch tensors without a copy (DLPack views of the dynamic executor's buffers,
+Frames. In training the crop window and the flip of each sample come from the host (`shards.features.
+training_window`, seeded by key, seed and epoch: the torch loader's window for the same sample), on the
+recorded frame size; `fn.decoders.image_slice` decodes only that window of every frame (libjpeg-turbo /
+nvJPEG ROI decoding), and the windows, all of one size, are stacked and resized to the crop by one operator.
+Evaluation decodes whole frames and resizes their short side: the centre crop of an antialiased resize
+needs pixels outside the crop window, and its output stays the one the parity test pins against the torch
+loader. The frame-size check reads the JPEG headers (`fn.peek_image_shape`). `num_threads` = the workers
+asked for, capped at the cores, and `prefetch_queue_depth` 2 (1 cost the same CPU per sample on 2 cores, 3
+more). CPU outputs become torch tensors without a copy (DLPack views of the dynamic executor's buffers,
 which it never reuses); the CPU spectrogram is computed time-major (`layout="tf"`, then one transpose),
-about 0.3 CPU-ms less per 10 s clip than frequency-major.
-
-Shuffling. DALI's `fn.readers.webdataset` reads its `paths` in the order given, each tar sequentially;
-`num_shards`/`shard_id` cut that concatenated sample list into contiguous parts, one per pipeline (the rule
-of `shards.sample_refs.shard_range`); `stick_to_shard` keeps a pipeline on its own part instead of moving on
-to the next part each epoch; `pad_last_batch` repeats a part's last sample so that every pipeline returns
-the same number of batches. With `random_shuffle` it fills a buffer of `initial_fill` samples read in order
-and draws each output at random from it, refilling it as it goes: it "shuffles the data only locally", so
-samples read far apart rarely share a batch. Sources: DALI 2.4's docs of `nvidia.dali.fn.readers.webdataset`
-and "Sharding and Shuffling" (docs.nvidia.com/deeplearning/dali/archives/dali_2_4_0/user-guide/, pages
-operations/nvidia.dali.fn.readers.webdataset.html and advanced_topics_sharding.html), and the maintainers'
-answers in NVIDIA/DALI#5429 and #5441. The build already orders each split by a seeded hash of the key, so
-every shard mixes classes; on top of that a training epoch reads the tars in an order fixed by (seed,
-epoch) (`epoch_tars`) and the buffer holds about two shards' samples (`shuffle_buffer`). DALI's own
-`shuffle_after_epoch` is not used: it cannot be combined with `stick_to_shard`, and it reshuffles only
-after an epoch of one pipeline, while this loader builds a pipeline per epoch so that a fresh loader (or a
-resume) at epoch e reproduces epoch e."""
+about 0.3 CPU-ms less per 10 s clip than frequency-major."""
 from __future__ import annotations
 
+import io
 import os
+from collections import deque
 from collections.abc import Iterator
-from pathlib import Path
+from dataclasses import dataclass
 
 import numpy as np
 import torch
 from nvidia.dali import Pipeline, fn, pipeline_def, types
 from nvidia.dali.backend import TensorListCPU
-from nvidia.dali.pipeline import do_not_convert
+from PIL import Image
 
 from shards.batches import EpochLoader, LoaderOptions, WorkerPart, assemble_batch
-from shards.features import DB_OFFSET, DB_SCALE, ModalityParams, modality_params
+from shards.features import DB_OFFSET, DB_SCALE, ModalityParams, crop_rng, modality_params, training_window
 from shards.format import MODALITIES, NPY_HEADER_BYTES, DatasetInfo, frame_member
-from shards.masks import DropSpec, key_uniform
-from shards.members import check_member
+from shards.masks import DropSpec, augment_keep, resolve_present
+from shards.members import ShardFiles, check_member
 from shards.sample_refs import FrameSizeError, SampleRef
 
-READER = "reader"
-FILL_SHARDS = 2  # the shuffle buffer holds this many shards' samples (the largest shard of the split) ...
-FILL_MAX_BYTES = 256 * 2**20  # ... but no more than this many bytes of stored samples (by the mean sample size)
 PREFETCH_DEPTH = 2  # batches DALI prepares ahead (prefetch_queue_depth): 1 and 2 cost the same CPU, 3 more (2 cores)
-STORED_DTYPES = {"float32": types.FLOAT, "float16": types.FLOAT16}  # stored spectrogram / log-mel members
+STORED_DTYPES = {"float32": (types.FLOAT, np.float32), "float16": (types.FLOAT16, np.float16)}  # spectrogram / log-mel
 
 
 class DecodeFailure(RuntimeError):
@@ -73,59 +63,77 @@ class DecodeFailure(RuntimeError):
     names the shard file, the sample key and the member."""
 
 
+@dataclass(frozen=True)
+class FeedLayout:
+    """What the external source yields per sample, in order: the members `exts` (with their DALI and numpy
+    types), the use flags [M] and, for training frames, the crop window's anchor (y, x), shape (h, w) and
+    the flip."""
+
+    exts: list[str]
+    dali_types: list[types.DALIDataType]
+    np_types: list[type]
+    window: bool  # training frames: anchor, shape, mirror follow the flags
+
+    @classmethod
+    def of(cls, params: ModalityParams, train: bool) -> FeedLayout:
+        exts, dali_types, np_types = [], [], []
+        if params.visual is not None:
+            exts += [frame_member(i) for i in range(params.visual.frames)]
+            dali_types += [types.UINT8] * params.visual.frames
+            np_types += [np.uint8] * params.visual.frames
+        if params.audio is not None or params.spectrogram is not None:
+            exts.append(params.audio_member)
+            dali, numpy = (types.UINT8, np.uint8) if params.spectrogram is None else STORED_DTYPES[params.spectrogram.dtype]
+            dali_types.append(dali)
+            np_types.append(numpy)
+        if params.text is not None:
+            exts.append(params.text.member)
+            dali_types.append(types.INT32)
+            np_types.append(np.int32)
+        return cls(exts, dali_types, np_types, train and params.visual is not None)
+
+    def source_types(self) -> list[types.DALIDataType]:
+        return [*self.dali_types, types.BOOL, *([types.FLOAT, types.FLOAT, types.INT32] if self.window else [])]
+
+    def source_ndims(self) -> list[int]:
+        return [1] * len(self.exts) + [1] + ([1, 1, 0] if self.window else [])
+
+
 @pipeline_def(enable_conditionals=True)
-def multimodal_pipeline(tars: list[str], idxs: list[str], modalities: list[str], params: ModalityParams,
-                        gpu: bool, train: bool, shard_id: int, num_shards: int, initial_fill: int, rng_seed: int,
-                        augment: DropSpec | None, eval_keep: np.ndarray | None, label_dtype: types.DALIDataType,
-                        min_crop_area: float, flip: bool):
+def multimodal_pipeline(feed: SampleFeed, layout: FeedLayout, modalities: list[str], params: ModalityParams,
+                        gpu: bool, train: bool):
     """Per sample, in this order, each output only for a modality of the dataset: frames [T, 3, H, W];
     audio [1, n_mels, n_frames] (log-mel of the waveform, or a stored spectrogram or log-mel); token ids [L];
-    then the label payload and the present flags; last, for a dataset with frames, the frames' shapes [T, 3]
-    (H, W, C from the JPEG headers; zeros when not decoded), checked against the recorded sizes after each run."""
+    last, for a dataset with frames, the frames' shapes [T, 3] (H, W, C from the JPEG headers; zeros when not
+    decoded), checked against the recorded sizes after each run."""
     visual, audio, spec, text = params.visual, params.audio, params.spectrogram, params.text
-    exts, dtypes = [], []
-    if visual is not None:
-        exts += [frame_member(i) for i in range(visual.frames)]
-        dtypes += [types.UINT8] * visual.frames
-    if audio is not None or spec is not None:
-        exts.append(params.audio_member)
-        dtypes.append(types.UINT8 if spec is None else STORED_DTYPES[spec.dtype])
-    if text is not None:
-        exts.append(text.member)
-        dtypes.append(types.INT32)
-    members = fn.readers.webdataset(
-        paths=tars, index_paths=idxs, ext=exts + ["label.npy"], missing_component_behavior="empty",
-        dtypes=dtypes + [label_dtype], random_shuffle=train, initial_fill=initial_fill, seed=rng_seed,
-        shard_id=shard_id, num_shards=num_shards, pad_last_batch=True, stick_to_shard=True, name=READER)
-    members, label = list(members[:-1]), members[-1]
+    columns = list(fn.external_source(source=feed, num_outputs=len(layout.source_types()), batch=True,
+                                      cycle="raise", dtype=layout.source_types(), ndim=layout.source_ndims()))
+    members = columns[:len(layout.exts)]
+    flags = columns[len(layout.exts)]
+    window = columns[len(layout.exts) + 1:] if layout.window else None
+    use = {m: flags[i] for i, m in enumerate(modalities)}
     jpegs = [members.pop(0) for _ in range(visual.frames)] if visual is not None else []
     sound = members.pop(0) if audio is not None or spec is not None else None
     ids = members.pop(0) if text is not None else None
 
-    use = _use_flags({"visual": jpegs[0] if jpegs else None, "audio": sound, "text": ids},
-                     _keep_flags(modalities, train, augment, eval_keep, rng_seed), train)
-    use_visual, use_audio, use_text = use["visual"], use["audio"], use["text"]
-
     outputs = []
     if visual is not None:
-        frames, frame_shapes = clip_frames(jpegs, use_visual, params, gpu, train, min_crop_area, flip, rng_seed)
+        frames, frame_shapes = clip_frames(jpegs, use["visual"], params, gpu, window)
         outputs.append(frames)
     if audio is not None:
-        outputs.append(waveform_log_mel(sound, use_audio, params, gpu))
+        outputs.append(waveform_log_mel(sound, use["audio"], params, gpu))
     elif spec is not None:
-        outputs.append(stored_spectrogram(sound, use_audio, params, gpu))
+        outputs.append(stored_spectrogram(sound, use["audio"], params, gpu))
     if text is not None:
-        outputs.append(token_ids(ids, use_text, params))
-
-    present = fn.stack(*[use[m] for m in modalities])  # bool [M]
-    return (*outputs, label, present, *([frame_shapes] if visual is not None else []))
+        outputs.append(token_ids(ids, use["text"], params))
+    return (*outputs, *([frame_shapes] if visual is not None else []))
 
 
-def clip_frames(jpegs: list, use, params: ModalityParams, gpu: bool, train: bool, min_crop_area: float, flip: bool,
-                seed: int) -> tuple:
-    """Frames [T, 3, crop, crop] (normalised) and their JPEG header shapes [T, 3]. Training decodes only one
-    random window (`min_crop_area`..100% of the area, aspect 3/4..4/3), the same for every frame, and resizes
-    it to the crop; evaluation decodes whole frames, resizes the short side to the crop and centre-crops."""
+def clip_frames(jpegs: list, use, params: ModalityParams, gpu: bool, window: list | None) -> tuple:
+    """Frames [T, 3, crop, crop] (normalised) and their JPEG header shapes [T, 3]. Training (`window`: anchor,
+    shape and flip from the host) decodes only that window of every frame and resizes it to the crop;
+    evaluation decodes whole frames, resizes the short side to the crop and centre-crops."""
     visual = params.visual
     if use:
         shapes = [fn.peek_image_shape(j) for j in jpegs]
@@ -135,16 +143,14 @@ def clip_frames(jpegs: list, use, params: ModalityParams, gpu: bool, train: bool
         # the GPU frames differ from the CPU ones by up to 3 normalised units at colour edges (measured on an
         # H200), a shift between a model trained on one device and evaluated on the other
         upsampling = {"jpeg_fancy_upsampling": True} if gpu else {}
-        if train:
-            anchor, window = fn.random_crop_generator(shapes[0], random_area=[min_crop_area, 1.0],
-                                                      random_aspect_ratio=[3 / 4, 4 / 3], seed=seed + 1)
-            decoded = [fn.decoders.image_slice(j, anchor, window, axis_names="HW", normalized_anchor=False,
-                                               normalized_shape=False, device=device, output_type=types.RGB, **upsampling)
-                       for j in jpegs]
+        if window is not None:
+            anchor, shape, mirror = window
+            decoded = [fn.decoders.image_slice(j, anchor, shape, axis_names="HW", normalized_anchor=False,
+                                               normalized_shape=False, device=device, output_type=types.RGB,
+                                               **upsampling) for j in jpegs]
             # the windows share one size: stacked, they are resized by one operator (fewer operators than one
             # resize per frame, and 3-4% less CPU for the frames in a steady run)
             clip = fn.resize(fn.stack(*decoded, axis_name="F"), size=[visual.crop, visual.crop], antialias=True)
-            mirror = fn.random.coin_flip(probability=0.5, seed=seed + 2) if flip else 0
         else:
             decoded = [fn.decoders.image(j, device=device, output_type=types.RGB, **upsampling) for j in jpegs]
             clip = fn.resize(fn.stack(*decoded, axis_name="F"), resize_shorter=visual.crop, antialias=True)
@@ -215,79 +221,81 @@ def _zeros(shape: tuple[int, ...], dtype: types.DALIDataType, gpu: bool, layout:
     return zeros.gpu() if gpu else zeros
 
 
-@do_not_convert
-def _use_flags(members: dict, keep: dict, train: bool) -> dict:
-    """Per sample and modality, whether it is decoded: its member is not empty (natural missingness) and the
-    keep flag says so; in training a sample whose draws would drop everything it has keeps all of it.
-    Each member's size is read once, and without any random draw (keep flags all True) the flags are
-    just the sizes: no operator is added for what cannot change them."""
-    has = {m: member.shape()[0] > 0 for m, member in members.items() if member is not None}
-    use = {m: has[m] if keep[m] is True else has[m] & keep[m] for m in has}
-    if train and any(keep[m] is not True for m in has):  # never drop everything a sample has
-        kept = list(use.values())
-        anything = kept[0]
-        for flag in kept[1:]:
-            anything = anything | flag
-        nothing = anything == False  # noqa: E712 (DALI node comparison)
-        use = {m: flag | (nothing & has[m]) if keep[m] is not True else flag for m, flag in use.items()}
-    return {m: use.get(m, False) for m in MODALITIES}
+class SampleFeed:
+    """The pipeline's external source: the batches of one pass (`load`), each sample's members read by
+    offset, an empty member for a modality it does not use, its use flags and, for training frames, its
+    crop window and flip. Every batch handed to DALI is queued (`in_flight`) with its samples, labels and
+    flags until the loader takes its outputs, in the same order."""
 
+    def __init__(self, info: DatasetInfo, refs: list[SampleRef], params: ModalityParams, layout: FeedLayout,
+                 train: bool, augment: DropSpec | None, eval_keep: np.ndarray | None, seed: int,
+                 options: LoaderOptions) -> None:
+        self.info, self.refs, self.params, self.layout = info, refs, params, layout
+        self.train, self.augment, self.eval_keep, self.seed, self.options = train, augment, eval_keep, seed, options
+        self.modalities = list(info.modalities)
+        self.member_modality = {ext: self._modality_of(ext) for ext in layout.exts}
+        self.label_dtype = np.float32 if info.multilabel else np.int64
+        self.files = ShardFiles()
+        self.pending: deque[np.ndarray] = deque()  # split indices of the batches still to hand to DALI
+        self.in_flight: deque[tuple[list[SampleRef], np.ndarray, np.ndarray]] = deque()  # (refs, use, labels)
+        self.epoch = 0
 
-def _keep_flags(modalities: list[str], train: bool, augment: DropSpec | None, eval_keep: np.ndarray | None,
-                seed: int) -> dict:
-    """Per-sample keep flags by modality: random draws in training, the scenario's mask (fed in order) in
-    evaluation, True (Python) when nothing is dropped."""
-    if eval_keep is not None:
-        keep = fn.external_source(source=_cycle_batches(eval_keep), dtype=types.BOOL, ndim=1, batch=True)
-        flags = [keep[i] for i in range(len(modalities))]
-    elif train and augment is not None and augment.active:
-        if augment.scheme == "drop_one":
-            choice = fn.random.choice(len(modalities) + 1, p=augment.choice_probs(modalities), seed=seed + 3)
-            flags = [choice != i + 1 for i in range(len(modalities))]
+    def _modality_of(self, ext: str) -> str:
+        if ext.startswith("f") and ext.endswith(".jpg"):
+            return "visual"
+        return "text" if self.params.text is not None and ext == self.params.text.member else "audio"
+
+    def load(self, indices: np.ndarray, batch_size: int, epoch: int) -> None:
+        """The next pass: these split indices, in this order, in batches (the last one may be short)."""
+        self.pending = deque(indices[i:i + batch_size] for i in range(0, len(indices), batch_size))
+        self.in_flight.clear()
+        self.epoch = epoch
+
+    def __iter__(self) -> SampleFeed:
+        return self
+
+    def __next__(self) -> list[list[np.ndarray]]:
+        if not self.pending:
+            raise StopIteration
+        indices = self.pending.popleft()
+        batch = [self.refs[i] for i in indices.tolist()]
+        has = np.array([self.params.has(ref.members, self.modalities) for ref in batch])
+        keys = [ref.key for ref in batch]
+        if self.eval_keep is not None:
+            keep = self.eval_keep[indices]
+        elif self.train and self.augment is not None and self.augment.active:
+            keep = augment_keep(keys, self.modalities, self.augment, self.seed, self.epoch)
         else:
-            flags = [fn.random.coin_flip(probability=1.0 - augment.probs.get(m, 0.0), seed=seed + 4 + i, dtype=types.BOOL)
-                     for i, m in enumerate(modalities)]
-    else:
-        flags = [True] * len(modalities)
-    by_name = dict(zip(modalities, flags))
-    return {m: by_name.get(m, True) for m in MODALITIES}
+            keep = np.ones_like(has)
+        use = resolve_present(has, keep, never_all=self.train)
+        columns: list[list[np.ndarray]] = [[] for _ in self.layout.source_types()]
+        labels = []
+        for ref, flags in zip(batch, use):
+            used = dict(zip(self.modalities, flags.tolist()))
+            for c, (ext, dtype) in enumerate(zip(self.layout.exts, self.layout.np_types)):
+                data = self.files.read(ref, ext) if used[self.member_modality[ext]] else b""
+                columns[c].append(np.frombuffer(data, dtype=dtype))
+            columns[len(self.layout.exts)].append(flags)
+            if self.layout.window:
+                anchor, shape, mirror = self._window(ref, used["visual"], columns[0][-1])
+                for c, value in enumerate((anchor, shape, mirror), start=len(self.layout.exts) + 1):
+                    columns[c].append(value)
+            labels.append(np.frombuffer(self.files.read(ref, "label.npy"), self.label_dtype, offset=NPY_HEADER_BYTES))
+        self.in_flight.append((batch, use, np.stack(labels)))
+        return columns
 
-
-@do_not_convert
-def _cycle_batches(rows: np.ndarray):
-    """The evaluation keep-mask in reader order, batch by batch, padded like the reader's last batch."""
-    batch_size = Pipeline.current().max_batch_size
-    rows = rows.astype(bool)
-
-    def source():
-        while True:
-            for start in range(0, len(rows), batch_size):
-                part = list(rows[start:start + batch_size])
-                yield part + [part[-1]] * (batch_size - len(part))
-
-    return source
-
-
-def epoch_tars(tars: list[str], seed: int, epoch: int) -> list[str]:
-    """The order in which a training epoch reads the split's tars: sorted by a hash of each tar's path
-    inside the dataset (`<split>/NNNNNN.tar`) with (seed, epoch), so it is the same on every worker
-    (wherever the dataset is mounted) and on a resume, and differs from epoch to epoch."""
-    salt = f"tar-order:{epoch}"
-    return sorted(tars, key=lambda tar: (key_uniform("/".join(Path(tar).parts[-2:]), seed, salt), tar))
-
-
-def shuffle_buffer(info: DatasetInfo, tars: list[str], batch_size: int, part: int) -> int:
-    """`initial_fill` for the reader: FILL_SHARDS times the largest shard of these tars as recorded in
-    dataset.json, at most FILL_MAX_BYTES of stored samples (at the shards' mean bytes per sample), at least
-    one batch, and no more than the worker's part (a buffer that holds the whole part permutes it fully)."""
-    recorded = {shard.path: shard for shard in info.shards}
-    shards = [recorded[rel] for rel in ("/".join(Path(tar).parts[-2:]) for tar in tars) if rel in recorded]
-    samples = sum(s.samples for s in shards)
-    if not samples:
-        return max(1, min(batch_size, part))
-    by_bytes = int(FILL_MAX_BYTES / (sum(s.bytes for s in shards) / samples))
-    fill = max(batch_size, min(FILL_SHARDS * max(s.samples for s in shards), by_bytes))
-    return max(1, min(fill, part))
+    def _window(self, ref: SampleRef, used: bool, first_jpeg: np.ndarray) -> tuple[np.ndarray, ...]:
+        """The training crop of `ref`'s frames: anchor (y, x) and shape (h, w) in pixels, and the flip."""
+        if not used:
+            return np.zeros(2, np.float32), np.ones(2, np.float32), np.array(0, np.int32)
+        if ref.frame_size is not None:
+            h, w = ref.frame_size
+        else:
+            w, h = Image.open(io.BytesIO(first_jpeg.tobytes())).size  # the JPEG header only
+        (x0, y0, x1, y1), mirror = training_window(w, h, crop_rng(ref.key, self.seed, self.epoch),
+                                                   self.options.min_crop_area, self.options.flip)
+        return (np.array([y0, x0], np.float32), np.array([y1 - y0, x1 - x0], np.float32),
+                np.array(int(mirror), np.int32))
 
 
 class DaliLoader(EpochLoader):
@@ -300,173 +308,91 @@ class DaliLoader(EpochLoader):
         self.info = info
         self.gpu = options.gpu
         self.modalities = list(info.modalities)
-        self._by_tar: dict[str, list[SampleRef]] = {}
-        for ref in refs:
-            self._by_tar.setdefault(ref.tar, []).append(ref)
-        self._tars = list(self._by_tar)  # dataset.json order
-        self._range = part.of(len(refs))
-        self._part: list[SampleRef] = []  # this worker's samples in the epoch's reader order (set per pipeline)
-        self._sized: dict[str, SampleRef] = {}  # key -> ref of the part's samples with a recorded frame size
         self._params = modality_params(info, options.crop)
+        self._layout = FeedLayout.of(self._params, train)
         self._outputs = [m for m in MODALITIES if m in self.modalities]
-        self.initial_fill = shuffle_buffer(info, self._tars, batch_size, len(self._range))
-        if eval_keep is None and not train:
-            eval_keep = np.ones((len(refs), len(self.modalities)), dtype=bool)
-        self._kwargs = dict(
-            modalities=self.modalities, params=self._params, gpu=self.gpu, train=train, shard_id=part.shard_id,
-            num_shards=part.num_shards, initial_fill=self.initial_fill, augment=augment,
-            eval_keep=None if eval_keep is None else eval_keep[self._range.start:self._range.stop],
-            label_dtype=types.FLOAT if info.multilabel else types.INT64, min_crop_area=options.min_crop_area,
-            flip=options.flip)
+        self.feed = SampleFeed(info, refs, self._params, self._layout, train, augment, eval_keep, part.seed, options)
         self._num_threads = max(1, min(options.workers, len(os.sched_getaffinity(0))))  # more than cores: no faster
         self._device_id = (options.device_id or 0) if self.gpu else None
-        self._pipe = None
-        self._pipe_epoch = -1
-        self._checkpoint: str | None = None
-        self._planned = self._scheduled = self._consumed = 0  # iterations of the current pass of the pipeline
-        self._primed = False  # the pipeline's first schedule_run (which prefetches) has been made
-
-    def _build(self) -> None:
-        """A pipeline for the current epoch: its shuffle and masks depend on (seed, epoch, shard) only, so
-        an epoch is a fresh pass over the shard and a new loader at epoch e reproduces epoch e."""
-        self._part = self.epoch_samples()
-        self._sized = {ref.key: ref for ref in self._part if ref.frame_size}
-        replay = self.batches_done if self._checkpoint is None else 0  # no reader checkpoint: replay
-        self._planned = replay + max(0, len(self) - self.batches_done)
-        self._scheduled = self._consumed = 0
-        self._pipe = self.make_pipeline()
-        self._pipe.build()
-        self._primed = False
-        self._pipe_epoch = self.epoch
-        for _ in range(replay):
-            self._run()
-        self._checkpoint = None
-
-    def _run(self) -> list:
-        """The outputs of the pipeline's next iteration. Iterations are scheduled ahead (`prefetch_queue_depth`)
-        but never past the epoch's last batch: the pipeline is rebuilt for every epoch, so an iteration
-        prefetched beyond it (what `Pipeline.run` does) would read and decode a batch for nothing."""
-        pipe = self._pipe
-        if not self._primed:
-            pipe.schedule_run()  # the first call prefetches `prefetch_queue_depth` iterations
-            self._scheduled, self._primed = pipe.prefetch_queue_depth, True
-        elif self._scheduled == 0:  # a pipeline kept from the last pass: each call schedules one iteration
-            for _ in range(min(pipe.prefetch_queue_depth, self._planned)):
-                pipe.schedule_run()
-                self._scheduled += 1
-        elif self._consumed >= self._scheduled:  # asked for more than planned
-            pipe.schedule_run()
-            self._scheduled += 1
-        outs = list(pipe.outputs())
-        self._consumed += 1
-        if self._scheduled < self._planned:
-            pipe.schedule_run()
-            self._scheduled += 1
-        return outs
-
-    def reader_tars(self) -> list[str]:
-        """The tars in the order the current epoch's reader gets them: permuted per (seed, epoch) in training
-        (the same list on every worker, so `shard_id`/`num_shards` still partition the split), dataset.json
-        order in evaluation."""
-        return epoch_tars(self._tars, self.part.seed, self.epoch) if self.train else list(self._tars)
-
-    def epoch_samples(self) -> list[SampleRef]:
-        """This worker's samples for the current epoch, in the order its reader reads them (before the
-        buffer shuffle): its `shard_range` of the samples of `reader_tars()` in turn."""
-        ordered = [ref for tar in self.reader_tars() for ref in self._by_tar[tar]]
-        return [ordered[i] for i in self.part.of(len(ordered))]
+        self._pipe: Pipeline | None = None
+        self._ended = False  # the pipe's last pass ran to its StopIteration: it serves the next after a reset
 
     def make_pipeline(self) -> Pipeline:
-        """The (unbuilt) pipeline of the current epoch. Defining its graph needs no device, so a machine
-        without a GPU can check the GPU graph (`make_pipeline()._build_graph()`): devices and layouts."""
-        rng_seed = (self.part.seed * 1_000_003 + self.epoch * 7_919 + self.part.shard_id) % 2**31
-        tars = self.reader_tars()
+        """The (unbuilt) pipeline of this loader. Defining its graph needs no device, so a machine without a GPU
+        can check the GPU graph (`make_pipeline()._build_graph()`): devices and layouts."""
         return multimodal_pipeline(
-            **self._kwargs, tars=tars, idxs=[str(Path(t).with_suffix(".idx")) for t in tars], rng_seed=rng_seed,
-            batch_size=self.batch_size, num_threads=self._num_threads, device_id=self._device_id, seed=rng_seed,
-            enable_checkpointing=self.train, checkpoint=self._checkpoint,
-            prefetch_queue_depth=min(PREFETCH_DEPTH, self._planned) if self._planned else PREFETCH_DEPTH,
-            exec_dynamic=True)
-
-    def state_dict(self) -> dict:
-        """Epoch, batches consumed and the DALI checkpoint (reader position and random state)."""
-        state = super().state_dict()
-        if self._pipe is not None and self.train:
-            state["dali_checkpoint"] = self._pipe.checkpoint()
-        return state
+            feed=self.feed, layout=self._layout, modalities=self.modalities, params=self._params, gpu=self.gpu,
+            train=self.train, batch_size=self.batch_size, num_threads=self._num_threads, device_id=self._device_id,
+            seed=self.part.seed % 2**31, prefetch_queue_depth=PREFETCH_DEPTH, exec_dynamic=True)
 
     def load_state_dict(self, state: dict) -> None:
         super().load_state_dict(state)
-        self._checkpoint = state.get("dali_checkpoint")
-        self._pipe = None
+        if not self._ended:
+            self._pipe = None
 
     def _epoch_batches(self) -> Iterator[dict]:
-        if self._pipe is None or self._pipe_epoch != self.epoch:
-            self._build()
-        n = len(self._range)
+        self.feed.load(self.indices()[self.batches_done * self.batch_size:], self.batch_size, self.epoch)
+        if self._pipe is not None and self._ended:
+            self._pipe.reset()  # the last pass ended at its StopIteration: the source starts the loaded one
+        else:
+            self._pipe = self.make_pipeline()
+            self._pipe.build()
+        self._ended = False
         while True:
-            start = self.batches_done * self.batch_size
-            count = min(self.batch_size, n - start)
             try:
-                outs = self._run()
+                outs = list(self._pipe.run())
+            except StopIteration:
+                self._ended = True
+                return
             except RuntimeError as exc:
+                self._pipe = None
                 raise DecodeFailure(self._locate_failure(exc)) from exc
+            refs, use, labels = self.feed.in_flight.popleft()
             frame_shapes = outs.pop() if "visual" in self._outputs else None
-            *tensors, label, present = outs
-            keys = [_key_of(source) for source in _source_infos(label)][:count]
-            if frame_shapes is not None and self._sized:
-                self._check_frame_sizes(frame_shapes, keys)
-            if not self.train:
-                expected = [self._part[start + i].key for i in range(count)]
-                if keys != expected:
-                    raise RuntimeError(f"DALI reader order differs from the index order at batch {self.batches_done}: "
-                                       f"{keys[:3]} vs {expected[:3]}")
-            labels = _as_numpy(label)[:count]
-            labels = labels[:, NPY_HEADER_BYTES // labels.dtype.itemsize:]  # the payload after the .npy header
-            yield assemble_batch({m: _to_torch(t)[:count] for m, t in zip(self._outputs, tensors)},
-                                 _as_numpy(present)[:count], labels if self.info.multilabel else labels[:, 0],
-                                 keys, self.info.multilabel)
+            if frame_shapes is not None:
+                self._check_frame_sizes(frame_shapes, refs)
+            batch = assemble_batch({m: _to_torch(t) for m, t in zip(self._outputs, outs)}, use,
+                                   labels if self.info.multilabel else labels[:, 0], [r.key for r in refs],
+                                   self.info.multilabel)
+            if not self.feed.pending and not self.feed.in_flight:  # the pass's last batch: let DALI see its end
+                try:
+                    self._pipe.run()
+                    raise RuntimeError("the DALI pipeline returned a batch past the end of the pass")
+                except StopIteration:
+                    self._ended = True
+            yield batch
 
-    def _epoch_done(self) -> None:
-        """Training builds the next epoch's pipeline (its order and draws depend on the epoch). Evaluation keeps
-        its pipeline for the next pass, which reads the same part in the same order: the padded last batch
-        ends the reader's pass over its shard exactly, and the scenario's masks cycle with it; so a validation
-        loader builds once per run (a build costs 1 to 6 s on a 16-core GPU host)."""
-        if self.train or self._consumed != self._scheduled or self._pipe is None:
-            self._pipe = None
-            return
-        self._pipe_epoch = self.epoch + 1
-        self._planned, self._scheduled, self._consumed = len(self), 0, 0
-
-    def _check_frame_sizes(self, shapes, keys: list[str]) -> None:
+    def _check_frame_sizes(self, shapes, refs: list[SampleRef]) -> None:
         """Raise DecodeFailure naming the first frame of the batch whose decoded (height, width) is not the one
         recorded for its sample (frames not decoded have shape zeros and are not checked)."""
-        got = _as_numpy(shapes)[:len(keys), :, :2]
-        recorded = np.array([self._sized[k].frame_size if k in self._sized else (0, 0) for k in keys], np.int64)
+        got = _as_numpy(shapes)[:, :, :2]
+        recorded = np.array([ref.frame_size or (0, 0) for ref in refs], np.int64)
         bad = (got != recorded[:, None]).any(axis=2) & (got[:, :, 0] > 0) & (recorded[:, None, 0] > 0)
         if bad.any():
             i, t = np.argwhere(bad)[0]
-            ref = self._sized[keys[i]]
+            ref = refs[i]
             raise DecodeFailure(f"shard {ref.tar}: sample {ref.key} "
                                 f"{FrameSizeError(frame_member(t), tuple(got[i, t].tolist()), ref.frame_size)}; "
                                 f"run `pipeline verify` and rebuild that shard")
 
     def _locate_failure(self, exc: Exception) -> str:
         """Name the shard, key and member that does not decode, or decodes to another frame size than recorded
-        (DALI stops the whole pipeline, e.g. when one sample's frames cannot be stacked)."""
-        for ref in self._part:
-            with open(ref.tar, "rb") as f:
-                for ext, (offset, size) in ref.members.items():
-                    f.seek(offset)
-                    data = f.read(size)
-                    try:
-                        got = check_member(ext, data)
-                    except Exception as err:  # the first member that fails is the culprit
-                        return (f"shard {ref.tar}: sample {ref.key} member .{ext} does not decode ({err}); "
-                                f"run `pipeline verify` and rebuild that shard")
-                    if got is not None and ref.frame_size is not None and got != ref.frame_size:
-                        return (f"shard {ref.tar}: sample {ref.key} {FrameSizeError(ext, got, ref.frame_size)}; "
-                                f"run `pipeline verify` and rebuild that shard")
+        (DALI stops the whole pipeline, e.g. when one sample's frames cannot be stacked): the culprit is in one
+        of the batches handed to DALI and not yet returned."""
+        for refs, _, _ in self.feed.in_flight:
+            for ref in refs:
+                with open(ref.tar, "rb") as f:
+                    for ext, (offset, size) in ref.members.items():
+                        f.seek(offset)
+                        data = f.read(size)
+                        try:
+                            got = check_member(ext, data)
+                        except Exception as err:  # the first member that fails is the culprit
+                            return (f"shard {ref.tar}: sample {ref.key} member .{ext} does not decode ({err}); "
+                                    f"run `pipeline verify` and rebuild that shard")
+                        if got is not None and ref.frame_size is not None and got != ref.frame_size:
+                            return (f"shard {ref.tar}: sample {ref.key} {FrameSizeError(ext, got, ref.frame_size)}; "
+                                    f"run `pipeline verify` and rebuild that shard")
         return f"DALI pipeline failed and no member fails to decode on its own: {str(exc).splitlines()[0]}"
 
 
@@ -491,13 +417,3 @@ def _to_torch(tensor_list) -> torch.Tensor:
     device = torch.device("cuda", dense.device_id())
     out = torch.empty(dense.shape(), dtype=to_torch_type[dense.dtype], device=device)
     return feed_ndarray(dense, out, cuda_stream=torch.cuda.current_stream(device=device))
-
-
-def _source_infos(tensor_list) -> list[str]:
-    return [tensor_list[i].source_info() for i in range(len(tensor_list))]
-
-
-def _key_of(source_info: str) -> str:
-    """`/path/shard.tar:offset:key.ext` -> key."""
-    name = source_info.rsplit(":", 1)[-1]
-    return name.split(".", 1)[0]

@@ -20,7 +20,8 @@ from functools import lru_cache
 import numpy as np
 import torch
 
-from shards.format import AudioInfo, TextInfo, VisualInfo
+from shards.format import AudioInfo, TextInfo, VisualInfo, frame_member
+from shards.masks import key_uniform
 
 DB_OFFSET = 40.0  # log-mel (dB) -> (dB + DB_OFFSET) / DB_SCALE, so typical values lie in [-1, 2]
 DB_SCALE = 40.0
@@ -109,6 +110,16 @@ class ModalityParams:
     def audio_member(self) -> str:
         return self.spectrogram.member if self.spectrogram else self.audio_ext
 
+    def member(self, modality: str) -> str:
+        """The member whose presence says that a sample has `modality` (the first frame for visual)."""
+        if modality == "visual":
+            return frame_member(0)
+        return self.audio_member if modality == "audio" else self.text.member
+
+    def has(self, members: dict, modalities: list[str]) -> list[bool]:
+        """Natural missingness: per modality, whether a sample's members (`SampleRef.members`) hold it."""
+        return [members.get(self.member(m), (0, 0))[1] > 0 for m in modalities]
+
     def shape(self, modality: str) -> tuple[int, ...]:
         """One sample's tensor shape for `modality`: what a present modality decodes to and what an absent
         one is filled with (zeros)."""
@@ -186,3 +197,29 @@ def log_mel(audio: np.ndarray, p: AudioParams, filters: torch.Tensor | None = No
     db = mel.clamp_(min=10.0 ** (-p.db_cutoff / 10.0)).log10_().mul_(10.0)
     return db.add_(DB_OFFSET).div_(DB_SCALE).unsqueeze(0)
 
+
+def random_resized_box(w: int, h: int, rng: np.random.Generator,
+                        min_area: float) -> tuple[float, float, float, float]:
+    """Random crop of min_area..100% of the area, aspect ratio 3/4..4/3 (as DALI's random_resized_crop)."""
+    for _ in range(10):
+        area = w * h * rng.uniform(min_area, 1.0)
+        ratio = np.exp(rng.uniform(np.log(3 / 4), np.log(4 / 3)))
+        cw, ch = np.sqrt(area * ratio), np.sqrt(area / ratio)
+        if cw <= w and ch <= h:
+            x, y = rng.uniform(0, w - cw), rng.uniform(0, h - ch)
+            return (x, y, x + cw, y + ch)
+    side = min(w, h)
+    return ((w - side) / 2, (h - side) / 2, (w + side) / 2, (h + side) / 2)
+
+
+def crop_rng(key: str, seed: int, epoch: int) -> np.random.Generator:
+    """The random stream of one sample's training crop and flip in one epoch: fixed by (key, seed, epoch), so
+    a sample gets the same window on any worker, world size and backend."""
+    return np.random.default_rng(int(key_uniform(key, seed, f"crop:{epoch}") * 2**63))
+
+
+def training_window(w: int, h: int, rng: np.random.Generator, min_area: float,
+                    flip: bool) -> tuple[tuple[float, float, float, float], bool]:
+    """The training crop box (x0, y0, x1, y1) of a w x h frame and whether it is mirrored, drawn from `rng`."""
+    box = random_resized_box(w, h, rng, min_area)
+    return box, bool(rng.random() < 0.5) and flip

@@ -5,9 +5,9 @@ worker: `ShardFiles`), decodes JPEG with Pillow and WAV/FLAC with `shards.member
 with `shards.features`, which reproduces DALI's operators; stored spectrograms and token ids are read as
 typed payloads. It is the fallback where DALI is absent and the baseline in benchmarks. Masks come from
 hashes of the keys, so a dropped modality is never decoded here either. Every decoded frame is checked
-against the size the build recorded for its sample (`SampleRef.frame_size`). In training a worker's part
-is permuted as a whole per (seed, epoch) (`EpochSampler`); the DALI reader shuffles inside a buffer instead
-(see `shards.dali_loader`).
+against the size the build recorded for its sample (`SampleRef.frame_size`). In training a worker reads its
+strided slice of the epoch's permutation of the whole split (`WorkerPart.positions`), as the DALI loader
+does: the two backends batch the same samples in the same order with the same masks and crop windows.
 
 Cost per sample: the DataLoader workers persist across epochs (the sampler hands each its sample's epoch
 with the index); training crops that keep at most half of the stored frame's pixels in each direction decode
@@ -19,8 +19,6 @@ from __future__ import annotations
 import io
 import logging
 import math
-import os
-from collections import OrderedDict
 from collections.abc import Iterator
 from functools import lru_cache
 
@@ -30,51 +28,25 @@ from PIL import Image, JpegImagePlugin  # noqa: F401  (the JPEG plugin loaded be
 from torch.utils.data import DataLoader, Dataset, Sampler, default_collate
 
 from shards.batches import EpochLoader, LoaderOptions, WorkerPart, assemble_batch
-from shards.features import ModalityParams, VisualParams, log_mel, mel_filters, modality_params
+from shards.features import (
+    ModalityParams,
+    VisualParams,
+    crop_rng,
+    log_mel,
+    mel_filters,
+    modality_params,
+    training_window,
+)
 from shards.format import MODALITIES, NPY_HEADER_BYTES, DatasetInfo, frame_member, npy_payload
-from shards.masks import DropSpec, augment_keep, key_uniform, resolve_present
-from shards.members import decode_audio_member
+from shards.masks import DropSpec, augment_keep, resolve_present
+from shards.members import ShardFiles, decode_audio_member
 from shards.sample_refs import FrameSizeError, SampleRef
 
 log = logging.getLogger(__name__)
-MAX_OPEN_SHARDS = 256  # tars a worker keeps open (least recently used closed first), well under `ulimit -n`
 
 
 class SampleDecodeError(RuntimeError):
     """A member that does not decode, or decodes to another frame size than recorded, with the shard and key."""
-
-
-class ShardFiles:
-    """Members read by offset from tars kept open, one descriptor per tar and process. `os.pread` keeps no
-    file position, so reads need no seek and a descriptor inherited over fork stays correct."""
-
-    def __init__(self, limit: int = MAX_OPEN_SHARDS) -> None:
-        self.limit = limit
-        self._fds: OrderedDict[str, int] = OrderedDict()
-
-    def read(self, ref: SampleRef, ext: str) -> bytes:
-        offset, size = ref.members[ext]
-        fd = self._fds.get(ref.tar)
-        if fd is None:
-            fd = self._fds[ref.tar] = os.open(ref.tar, os.O_RDONLY)
-            if len(self._fds) > self.limit:
-                os.close(self._fds.popitem(last=False)[1])
-        else:
-            self._fds.move_to_end(ref.tar)
-        data = os.pread(fd, size, offset)
-        if len(data) != size:
-            raise OSError(f"{ref.tar}: member .{ext} of {ref.key} ends past the end of the file")
-        return data
-
-    def close(self) -> None:
-        while self._fds:
-            os.close(self._fds.popitem()[1])
-
-    def __getstate__(self) -> dict:  # a spawned worker opens its own descriptors
-        return {"limit": self.limit, "_fds": OrderedDict()}
-
-    def __del__(self) -> None:
-        self.close()
 
 
 def decode_frames(jpegs: list[bytes], p: VisualParams, rng: np.random.Generator | None,
@@ -103,8 +75,7 @@ def decode_frames(jpegs: list[bytes], p: VisualParams, rng: np.random.Generator 
         left, top = int((size[0] - p.crop) / 2 + 0.5), int((size[1] - p.crop) / 2 + 0.5)  # DALI rounds half up
         images = [im.crop((left, top, left + p.crop, top + p.crop)) for im in images]
     else:
-        box = random_resized_box(w, h, rng, min_crop_area)
-        mirror = bool(rng.random() < 0.5) and flip
+        box, mirror = training_window(w, h, rng, min_crop_area, flip)
         images = [_rgb(im).resize((p.crop, p.crop), Image.BILINEAR, box=reduced_box)
                   for im, reduced_box in (_draft(im, box, p.crop) for im in images)]
         if mirror:
@@ -149,27 +120,13 @@ def _pad_edge(image: Image.Image, pad: int) -> Image.Image:
     return Image.fromarray(np.pad(np.asarray(image), ((pad, pad), (pad, pad), (0, 0)), mode="edge"))
 
 
-def random_resized_box(w: int, h: int, rng: np.random.Generator,
-                        min_area: float) -> tuple[float, float, float, float]:
-    """Random crop of min_area..100% of the area, aspect ratio 3/4..4/3 (as DALI's random_resized_crop)."""
-    for _ in range(10):
-        area = w * h * rng.uniform(min_area, 1.0)
-        ratio = np.exp(rng.uniform(np.log(3 / 4), np.log(4 / 3)))
-        cw, ch = np.sqrt(area * ratio), np.sqrt(area / ratio)
-        if cw <= w and ch <= h:
-            x, y = rng.uniform(0, w - cw), rng.uniform(0, h - ch)
-            return (x, y, x + cw, y + ch)
-    side = min(w, h)
-    return ((w - side) / 2, (h - side) / 2, (w + side) / 2, (h + side) / 2)
-
-
 def decode_audio(data: bytes) -> np.ndarray:
     """float32 mono in [-1, 1] from a WAV or FLAC member."""
     return decode_audio_member(data).astype(np.float32) * np.float32(1 / 32768)
 
 
 class ShardSamples(Dataset):
-    """Map-style view of one worker's samples; item (i, epoch) is sample i decoded with that epoch's masks
+    """Map-style view of a split's samples; item (i, epoch) is sample i decoded with that epoch's masks
     and crop (the epoch travels with the index, so persistent workers need no message when it changes)."""
 
     def __init__(self, info: DatasetInfo, refs: list[SampleRef], params: ModalityParams, train: bool,
@@ -188,7 +145,7 @@ class ShardSamples(Dataset):
     def __getitem__(self, item: tuple[int, int]) -> dict | None:
         i, epoch = item
         ref = self.refs[i]
-        has = np.array([[self._has(ref, m) for m in self.modalities]])
+        has = np.array([self.params.has(ref.members, self.modalities)])
         if self.eval_keep is not None:
             keep = self.eval_keep[i:i + 1]
         elif self.train and self.augment is not None and self.augment.active:
@@ -205,13 +162,6 @@ class ShardSamples(Dataset):
                 log.warning("skipping: %s", message)
                 return None
             raise SampleDecodeError(message + "; run `pipeline verify` and rebuild that shard") from exc
-
-    def _has(self, ref: SampleRef, modality: str) -> bool:
-        if modality == "visual":
-            return frame_member(0) in ref.members
-        if modality == "audio":
-            return self.params.audio_member in ref.members
-        return self.params.text.member in ref.members
 
     def _decode(self, ref: SampleRef, present: dict[str, bool], epoch: int) -> dict:
         item = {"key": ref.key, "present": np.array([present[m] for m in self.modalities])}
@@ -233,7 +183,7 @@ class ShardSamples(Dataset):
         v = self.params.visual
         rng = None
         if self.train:
-            rng = np.random.default_rng(int(key_uniform(ref.key, self.seed, f"crop:{epoch}") * 2**63))
+            rng = crop_rng(ref.key, self.seed, epoch)
         return decode_frames([self.files.read(ref, frame_member(t)) for t in range(v.frames)], v, rng,
                              self.options.min_crop_area, self.options.flip, ref.frame_size)
 
@@ -266,23 +216,16 @@ def collate(items: list[dict | None]) -> dict:
 
 
 class EpochSampler(Sampler[tuple[int, int]]):
-    """(index, epoch) pairs: sequential in evaluation; in training a permutation fixed by (seed, epoch);
-    skips the items already consumed."""
+    """(split index, epoch) pairs of the samples the loader sets for the rest of its current epoch."""
 
-    def __init__(self, n: int, train: bool, seed: int) -> None:
-        self.n, self.train, self.seed = n, train, seed
-        self.epoch, self.skip = 0, 0
-
-    def order(self) -> np.ndarray:
-        if not self.train:
-            return np.arange(self.n)
-        return np.random.default_rng([self.seed, self.epoch]).permutation(self.n)
+    def __init__(self) -> None:
+        self.indices, self.epoch = np.empty(0, dtype=np.int64), 0
 
     def __iter__(self) -> Iterator[tuple[int, int]]:
-        return ((i, self.epoch) for i in self.order()[self.skip:].tolist())
+        return ((i, self.epoch) for i in self.indices.tolist())
 
     def __len__(self) -> int:
-        return self.n - self.skip
+        return len(self.indices)
 
 
 class TorchLoader(EpochLoader):
@@ -292,11 +235,9 @@ class TorchLoader(EpochLoader):
                  augment: DropSpec | None, eval_keep: np.ndarray | None, part: WorkerPart,
                  options: LoaderOptions) -> None:
         super().__init__(len(refs), batch_size, train, part, options)
-        span = part.of(len(refs))
-        keep = None if eval_keep is None else eval_keep[span.start:span.stop]
-        self.dataset = ShardSamples(info, [refs[i] for i in span], modality_params(info, options.crop), train,
-                                    augment, keep, part.seed, options)
-        self.sampler = EpochSampler(len(self.dataset), train, part.seed)
+        self.dataset = ShardSamples(info, refs, modality_params(info, options.crop), train, augment, eval_keep,
+                                    part.seed, options)  # the whole split: `indices()` says which samples
+        self.sampler = EpochSampler()
         self.num_workers = options.workers
         self.device = torch.device("cuda", options.device_id or 0) if options.gpu else None
         self.skipped = 0
@@ -308,13 +249,13 @@ class TorchLoader(EpochLoader):
             workers = self.num_workers
             self._loader = DataLoader(
                 self.dataset, batch_size=self.batch_size, sampler=self.sampler, collate_fn=collate,
-                num_workers=workers, drop_last=self.train and len(self.dataset) >= self.batch_size,
+                num_workers=workers, drop_last=False,  # a training epoch's indices are whole batches
                 persistent_workers=workers > 0, prefetch_factor=4 if workers else None,
                 pin_memory=self.device is not None)
         return self._loader
 
     def _epoch_batches(self) -> Iterator[dict | None]:
-        self.sampler.epoch, self.sampler.skip = self.epoch, self.batches_done * self.batch_size
+        self.sampler.epoch, self.sampler.indices = self.epoch, self.indices()[self.batches_done * self.batch_size:]
         self.skipped = 0
         for batch in self._data_loader():
             self.skipped += batch.pop("skipped")

@@ -2,10 +2,11 @@
 
 Pinned: on a corpus whose keys sort by class (Food-101's `train_<class>_<n>`, so a build in key order would
 cluster classes), every shard mixes classes; the first batches of a DALI training epoch mix classes as
-much as the torch loader's (mean label entropy per batch within 10%); the DALI reader visits the tars in
-an order fixed by (seed, epoch), the same on every worker, with a shuffle buffer of two shards; workers
-still partition the split with equal step counts, and a resume reproduces a later epoch; `inspect`
-prints the per-shard class mix and the build's skipped labels, replaced annotations and empty classes.
+much as the torch loader's (mean label entropy per batch within 10%); a training epoch is one permutation
+of the whole split fixed by (seed, epoch), the same for both backends (masks too); workers take strided
+slices of it with equal step counts; a resume inside an epoch goes on exactly on the same workers and,
+on another number of workers, with every sample not yet seen, once; `inspect` prints the per-shard class
+mix and the build's skipped labels, replaced annotations and empty classes.
 
 The corpus: the UPMC Food-101 layout with 8 classes of 16 train images (24x32 px) and one of 1 test image
 each, plus a class folder with no images (an empty class), built into shards of 8 samples."""
@@ -26,7 +27,7 @@ if str(ROOT) not in sys.path:  # `tests` has no __init__.py; make `tests.media` 
     sys.path.insert(0, str(ROOT))
 
 from pipeline.build import BuildOptions, build_shards  # noqa: E402
-from shards.format import DatasetInfo, ShardInfo, read_dataset_info  # noqa: E402
+from shards.format import read_dataset_info  # noqa: E402
 from shards.loader import dali_available, make_loader  # noqa: E402
 from shards.verify import inspect_dataset  # noqa: E402
 from tests.media import class_image  # noqa: E402
@@ -94,11 +95,6 @@ def first_batches(path: Path, backend: str, epoch: int, n: int = FIRST_BATCHES, 
     return [next(batches) for _ in range(n)]
 
 
-def dali_loader(path: Path, **kwargs):
-    kwargs = {"seed": 0, "crop": CROP, "num_workers": 1, **kwargs}
-    return make_loader(path, "train", BATCH, backend="dali", train=True, **kwargs)
-
-
 # ----------------------------------------------------------------------------------------------- shards
 def test_every_shard_mixes_classes_although_keys_sort_by_class(corpus: Corpus) -> None:
     info = read_dataset_info(corpus.path)
@@ -125,81 +121,97 @@ def test_first_dali_batches_mix_classes_as_much_as_the_torch_loaders(corpus: Cor
     assert mean["dali"] >= (1 - ENTROPY_TOLERANCE) * mean["torch"], mean
 
 
-# ----------------------------------------------------------------------------------------------- DALI order
-@needs_dali
-def test_dali_reads_the_tars_in_an_order_fixed_by_seed_and_epoch_the_same_on_every_worker(corpus: Corpus) -> None:
-    stored = [str(corpus.path / s.path) for s in read_dataset_info(corpus.path).shards_of("train")]
-    loader = dali_loader(corpus.path)
-    orders = []
-    for epoch in range(3):
-        loader.set_epoch(epoch)
-        orders.append(loader.reader_tars())
-    assert all(sorted(order) == sorted(stored) for order in orders)  # a permutation of the split's tars
-    assert orders[0] != stored and orders[1] != orders[0] and orders[2] != orders[1]
-    for shard_id in range(3):  # every worker gets the same list: shard_id/num_shards cut it into parts
-        assert dali_loader(corpus.path, epoch=1, shard_id=shard_id, num_shards=3).reader_tars() == orders[1]
-    assert dali_loader(corpus.path, seed=1).reader_tars() != orders[0]
-    evaluation = make_loader(corpus.path, "train", BATCH, backend="dali", crop=CROP, num_workers=1)
-    assert evaluation.reader_tars() == stored  # evaluation reads in dataset.json order
+# ----------------------------------------------------------------------------------------------- order
+BACKENDS = [pytest.param("dali", marks=needs_dali), "torch"]
+
+
+def loader_of(path: Path, backend: str, **kwargs):
+    kwargs = {"seed": 0, "crop": CROP, "num_workers": 0 if backend == "torch" else 1, **kwargs}
+    return make_loader(path, "train", BATCH, backend=backend, train=True, **kwargs)
+
+
+def epoch_keys(loader) -> list[str]:
+    return [k for b in loader for k in b["key"]]
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_a_training_epoch_is_one_permutation_of_the_split_fixed_by_seed_and_epoch(backend: str, corpus: Corpus) -> None:
+    """Both backends batch the epoch's permutation of the whole split (`epoch_order`), the same order."""
+    from shards.batches import epoch_order
+    from shards.sample_refs import split_samples
+
+    keys = [r.key for r in split_samples(corpus.path, read_dataset_info(corpus.path), "train")]
+    loader = loader_of(corpus.path, backend)
+    epochs = [epoch_keys(loader) for _ in range(3)]
+    steps = len(keys) // BATCH
+    for epoch, got in enumerate(epochs):
+        assert got == [keys[i] for i in epoch_order(len(keys), 0, epoch)[:steps * BATCH]]
+    assert epochs[0] != epochs[1] != epochs[2]
+    assert epoch_keys(loader_of(corpus.path, backend, epoch=1)) == epochs[1]  # a fresh loader at epoch 1
+    assert epoch_keys(loader_of(corpus.path, backend, seed=1)) != epochs[0]
 
 
 @needs_dali
-def test_dali_shuffle_buffer_holds_two_shards_and_first_batches_come_from_the_epochs_first_tars(
-        corpus: Corpus) -> None:
-    """DALI fills `initial_fill` samples in reader order and draws each output from the buffer, refilling it:
-    the k-th output comes from the first initial_fill + k samples, so the first batch shows both the buffer
-    size and the epoch's tar order."""
-    fill = 2 * SHARD_SIZE
-    loader = dali_loader(corpus.path)
-    first_tars = []
-    for epoch in range(4):
-        loader.set_epoch(epoch)
-        order = [ref.key for ref in loader.epoch_samples()]
-        batch = next(iter(loader))
-        assert max(order.index(k) for k in batch["key"]) < fill + BATCH - 1, (epoch, batch["key"])
-        tar_of = {ref.key: ref.tar for ref in loader.epoch_samples()}
-        first_tars.append(frozenset(tar_of[k] for k in batch["key"]))
-    assert len(set(first_tars)) == 4  # each epoch starts elsewhere
-    assert loader.initial_fill == fill
+def test_dali_and_torch_train_on_the_same_batches_with_the_same_masks(corpus: Corpus) -> None:
+    from shards.masks import DropSpec
+
+    drop = DropSpec("independent", {"visual": 0.4, "text": 0.4})
+    got = {backend: [(b["key"], b["present"].tolist()) for b in loader_of(corpus.path, backend, augment=drop, epoch=3)]
+           for backend in ("dali", "torch")}
+    assert got["dali"] == got["torch"]
 
 
-@needs_dali
-def test_shuffle_buffer_is_sized_from_the_recorded_shards_and_bounded() -> None:
-    from shards.dali_loader import FILL_MAX_BYTES, shuffle_buffer
-
-    def info(samples: int, sample_bytes: int, shards: int = 4) -> tuple[DatasetInfo, list[str]]:
-        recorded = [ShardInfo(f"train/{i:06d}.tar", "train", samples, "", samples * sample_bytes)
-                    for i in range(shards)]
-        return DatasetInfo("d", ["visual"], ["a"], False, shards=recorded), [f"/data/d/{s.path}" for s in recorded]
-
-    assert shuffle_buffer(*info(256, 1000), batch_size=64, part=10_000) == 512  # two shards
-    assert shuffle_buffer(*info(256, 1000), batch_size=64, part=300) == 300  # never more than the part
-    assert shuffle_buffer(*info(8, 1000), batch_size=64, part=10_000) == 64  # at least one batch
-    big = 4 * 2**20  # 4 MiB per stored sample: 512 samples would be 2 GiB
-    assert shuffle_buffer(*info(256, big), batch_size=16, part=10_000) == FILL_MAX_BYTES // big
-
-
-# ----------------------------------------------------------------------------------------------- DALI workers
-@needs_dali
+@pytest.mark.parametrize("backend", BACKENDS)
 @pytest.mark.parametrize("epoch", [0, 1])
-def test_dali_workers_partition_every_epoch_with_equal_steps(epoch: int, corpus: Corpus) -> None:
-    train_keys = set(corpus.train_keys)
-    loaders = [dali_loader(corpus.path, epoch=epoch, shard_id=s, num_shards=3) for s in range(3)]
-    parts = [{ref.key for ref in loader.epoch_samples()} for loader in loaders]
-    assert sum(map(len, parts)) == len(train_keys) and set().union(*parts) == train_keys  # disjoint, complete
+def test_workers_take_strided_slices_of_the_epoch_with_equal_steps(backend: str, epoch: int, corpus: Corpus) -> None:
+    one = epoch_keys(loader_of(corpus.path, backend, epoch=epoch))
+    loaders = [loader_of(corpus.path, backend, epoch=epoch, shard_id=s, num_shards=3) for s in range(3)]
     assert len({len(loader) for loader in loaders}) == 1
-    for loader, part in zip(loaders, parts):
-        got = [k for b in loader for k in b["key"]]
-        assert len(got) == len(loader) * BATCH == len(set(got)) and set(got) <= part
+    parts = [epoch_keys(loader) for loader in loaders]
+    steps = len(loaders[0])
+    assert all(len(part) == steps * BATCH for part in parts)
+    for s, part in enumerate(parts):  # worker s of 3 takes every third sample of the one-worker order
+        assert part == [one[i] for i in range(s, 3 * steps * BATCH, 3)]
 
 
-@needs_dali
-def test_dali_resumes_a_later_epoch_mid_epoch_in_the_same_tar_order(corpus: Corpus) -> None:
-    whole = [b["key"] for b in dali_loader(corpus.path, epoch=2)]
-    loader = dali_loader(corpus.path, epoch=2)
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("before, after", [(2, 1), (1, 2), (2, 3)])
+def test_a_resume_inside_an_epoch_on_another_number_of_workers_sees_every_sample_once(
+        backend: str, before: int, after: int, corpus: Corpus) -> None:
+    """Stopped after 2 steps on `before` workers, the epoch goes on from its global position on `after`
+    workers: the keys of both parts are disjoint, and together the prefix of the epoch's order that the
+    steps consumed."""
+    seen = []
+    states = []
+    for s in range(before):
+        loader = loader_of(corpus.path, backend, epoch=1, shard_id=s, num_shards=before)
+        batches = iter(loader)
+        seen += [k for _ in range(2) for k in next(batches)["key"]]
+        states.append(loader.state_dict())
+    assert {st["samples_done"] for st in states} == {2 * BATCH * before}
+    rest = []
+    for s in range(after):
+        loader = loader_of(corpus.path, backend, epoch=0, shard_id=s, num_shards=after)
+        loader.load_state_dict(states[0])
+        assert loader.epoch == 1
+        rest += epoch_keys(loader)
+        assert loader.epoch == 2 and len(loader) == len(corpus.train_keys) // (after * BATCH)  # next epoch whole
+    order = epoch_keys(loader_of(corpus.path, backend, epoch=1, num_shards=1))
+    assert len(seen) + len(rest) == len(set(seen) | set(rest))  # nothing twice
+    assert sorted(seen) == sorted(order[:len(seen)])  # the steps done: a prefix of the order
+    assert sorted(seen + rest) == sorted(order[:len(seen) + len(rest)])  # and the rest goes on from it
+    n = len(corpus.train_keys)
+    remaining_steps = max(1, ((n - 2 * BATCH * before) // after) // BATCH)
+    assert len(rest) == remaining_steps * BATCH * after
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_a_resume_on_the_same_workers_goes_on_exactly(backend: str, corpus: Corpus) -> None:
+    whole = [b["key"] for b in loader_of(corpus.path, backend, epoch=2, shard_id=1, num_shards=2)]
+    loader = loader_of(corpus.path, backend, epoch=2, shard_id=1, num_shards=2)
     batches = iter(loader)
-    head = [next(batches)["key"] for _ in range(3)]
-    resumed = dali_loader(corpus.path)
+    head = [next(batches)["key"] for _ in range(2)]
+    resumed = loader_of(corpus.path, backend, shard_id=1, num_shards=2)
     resumed.load_state_dict(loader.state_dict())
     assert head + [b["key"] for b in resumed] == whole
 

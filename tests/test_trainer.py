@@ -478,7 +478,7 @@ def test_elastic_workers_and_a_mid_epoch_resume_on_another_world_size(digits: Pa
                                                                      monkeypatch: pytest.MonkeyPatch,
                                                                      caplog: pytest.LogCaptureFixture) -> None:
     """`ray.num_workers = [1, 2]` is Ray Train's elastic (min, max); a checkpoint from inside an epoch on 1
-    worker resumes on 2, each going on from the same fraction of its (now smaller) part of the split."""
+    worker resumes on 2, which go on from the epoch's global position (each remaining sample once)."""
     import trainer.launch
     from trainer.train import train_loop_per_worker
 
@@ -501,7 +501,10 @@ def test_elastic_workers_and_a_mid_epoch_resume_on_another_world_size(digits: Pa
     fake_ray_train.killed_at, fake_ray_train.world = None, 2  # 3 steps an epoch per worker on two
     with caplog.at_level(logging.WARNING, logger="trainer.train"):
         train_loop_per_worker(loop)
-    assert "written inside epoch 2 by 1 worker(s), this run has 2; going on after step 1 of 3" in caplog.text
+    batch = load_config(CONFIG, SMALL).data.batch_size
+    # 3 steps of one worker done: the 2 workers go on from there, with the 7 - 3 steps' samples left (2 each)
+    assert (f"written inside epoch 2 by 1 worker(s), this run has 2; going on from sample {3 * batch} of the "
+            "epoch's order: 2 more steps, each remaining sample once") in caplog.text
     rows = _rows(metrics)
     assert [(r["epoch"], r["world_size"]) for r in rows] == [(1, 1), (2, 2)]
     assert load_state(sorted(fake_ray_train.run_dir.glob("checkpoint_*"))[-1])["epoch"] == 2

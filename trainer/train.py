@@ -196,7 +196,7 @@ def train_loop_per_worker(loop_config: dict) -> None:
     optimizer, scheduler, plan = build_optimizer(config, stage, model)
     stopper = EarlyStop(recipe.selection_metrics(stage, info.modalities), plan.patience) if plan.auto else None
 
-    start_epoch, loader_state, progress = 0, None, None
+    start_epoch, loader_state, first_state, progress = 0, None, None, None
     checkpoint = ray.train.get_checkpoint()
     if checkpoint:
         with checkpoint.as_directory() as ckpt_dir:
@@ -208,6 +208,7 @@ def train_loop_per_worker(loop_config: dict) -> None:
             extend_milestones(scheduler, optimizer, plan, start_epoch)
             torch.set_rng_state(state["torch_rng"])
             loader_state = load_loader_state(ckpt_dir, rank)
+            first_state = load_loader_state(ckpt_dir, 0)  # every rank stopped at the same global position
             progress = state.get("progress")  # a checkpoint from inside an epoch: how far that epoch got
             if stopper is not None and (Path(ckpt_dir) / BEST_FILE).is_file():
                 stopper.load_state_dict(torch.load(Path(ckpt_dir) / BEST_FILE, map_location="cpu", weights_only=True))
@@ -226,18 +227,16 @@ def train_loop_per_worker(loop_config: dict) -> None:
                                **loader_args)
     if progress is not None and progress["world_size"] != world:
         # Inside an epoch on another number of workers (elastic resizing, or a rerun with other ray.num_workers):
-        # each worker's part of the split is another one now, so every worker goes on from the same fraction
-        # of its part that the old workers had done. The epoch's samples are then seen about once, not exactly.
-        done = progress["steps"] * len(train_loader) // progress["steps_per_epoch"]
-        loader_state = {"epoch": start_epoch, "batches_done": done}
-        scale = done / max(progress["steps"], 1)  # the running loss sum of as many steps as are counted done
-        progress = dict(progress, steps=done, seen=done * config.data.batch_size,
-                        loss_sum=progress["loss_sum"] * scale, wait=progress["wait"] * scale,
-                        elapsed=progress["elapsed"] * scale)
+        # the old workers consumed a prefix of the epoch's global order (`samples_done`); each new worker
+        # takes its strided slice of the rest, so every sample of the epoch is seen once.
+        first_state = first_state or {}
+        done = first_state.get("samples_done", progress["steps"] * config.data.batch_size * progress["world_size"])
+        loader_state = {"epoch": start_epoch, "batches_done": 0, "start": 0, "num_shards": progress["world_size"],
+                        "batch_size": first_state.get("batch_size", config.data.batch_size), "samples_done": done}
+        train_loader.load_state_dict(loader_state)
         log.warning("[%s] rank %d: the checkpoint was written inside epoch %d by %d worker(s), this run has %d; "
-                    "going on after step %d of %d of this worker's part (the same fraction); the rest of the "
-                    "epoch sees its samples about once, not exactly once", stage.name, rank, start_epoch + 1,
-                    progress["world_size"], world, done, len(train_loader))
+                    "going on from sample %d of the epoch's order: %d more steps, each remaining sample once",
+                    stage.name, rank, start_epoch + 1, progress["world_size"], world, done, len(train_loader))
     if loader_state:
         train_loader.load_state_dict(loader_state)
     val_loader = make_loader(config.data.dataset_dir, config.eval.val_split, config.data.batch_size, **loader_args)
