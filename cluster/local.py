@@ -28,7 +28,6 @@ log = logging.getLogger("cluster.local")
 
 DEFAULT_DIR, STATE_NAME, TOKEN_NAME, HOST = Path("work/cluster"), "cluster.json", "auth_token", "127.0.0.1"
 _CLEARED_ENV = ("RAY_ADDRESS", "RAY_API_SERVER_ADDRESS", "RAY_AUTH_MODE", "RAY_AUTH_TOKEN", "RAY_AUTH_TOKEN_PATH")
-_CHILDREN: dict[int, subprocess.Popen] = {}  # the `ray start` processes this process started, by PID
 
 
 class ClusterError(RuntimeError):
@@ -75,9 +74,11 @@ def load_cluster(state_dir: Path | str = DEFAULT_DIR) -> ClusterInfo:
 
 
 def _running(pid: int) -> bool:
-    """Whether the `ray start` with this PID still runs (a session leader, or our child that has not exited)."""
-    if pid in _CHILDREN:
-        return _CHILDREN[pid].poll() is None
+    """Whether the `ray start` with this PID still runs: a session leader (`ray start` is one), not a child of
+    this process that has exited (reaped here)."""
+    with contextlib.suppress(ChildProcessError):  # not our child: `stop` from another process
+        if os.waitpid(pid, os.WNOHANG)[0] == pid:
+            return False
     try:
         return os.getsid(pid) == pid
     except ProcessLookupError:
@@ -102,10 +103,10 @@ def start_cluster(workers: int, cpus_per_node: int = 1, state_dir: Path | str = 
     `state_dir`; port 0: a free one. ClusterError if one from `state_dir` runs or a port is taken; RuntimeError if a
     node fails to start (the nodes started are stopped, their logs kept)."""
     state_dir = Path(state_dir).resolve()
+    if (state_dir / STATE_NAME).is_file() and load_cluster(state_dir).alive():
+        raise ClusterError(f"a Ray cluster started from {state_dir} is already running; stop it first: "
+                           f"python -m cluster.local stop --dir {state_dir}")
     if (state_dir / STATE_NAME).is_file():
-        if load_cluster(state_dir).alive():
-            raise ClusterError(f"a Ray cluster started from {state_dir} is already running; stop it first: "
-                               f"python -m cluster.local stop --dir {state_dir}")
         stop_cluster(state_dir)  # its nodes are gone: clear what they left
     port, dashboard_port = _port(port, "--port"), _port(dashboard_port, "--dashboard-port")
     state_dir.mkdir(parents=True, exist_ok=True)
@@ -118,36 +119,26 @@ def start_cluster(workers: int, cpus_per_node: int = 1, state_dir: Path | str = 
     bin_dir = str(Path(sys.executable).parent)  # job entrypoints run in the nodes' environment: `python` is ours
     env = {**{k: v for k, v in info.cli_env().items() if k != "RAY_ADDRESS"}, "PATH": bin_dir + os.pathsep +
            os.environ.get("PATH", ""), "RAY_GRACEFUL_SHUTDOWN_DRAIN_TIMEOUT_S": "0"}  # stop at once on SIGTERM
-    root, deadline = Path(info.temp_root), time.monotonic() + timeout_s
+    deadline = time.monotonic() + timeout_s
 
-    def launch(cpus: int, *args: str) -> int:
-        n = len(info.pids)
-        cmd = [shutil.which("ray", path=bin_dir) or "ray", "start", "--block", "--node-ip-address", HOST,
-               "--temp-dir", str(root / f"n{n}"), "--num-cpus", str(cpus), "--dashboard-agent-listen-port", "0",
-               "--disable-usage-stats", *args]
-        with open(root / f"n{n}.out", "wb") as out:
-            node = subprocess.Popen(cmd, env=env, stdin=subprocess.DEVNULL, stdout=out, stderr=out, start_new_session=True)
-        _CHILDREN[node.pid] = node
-        info.pids.append(node.pid)
+    def launch(cpus: int, *args: str) -> None:
+        out = Path(info.temp_root) / f"n{len(info.pids)}"
+        cmd = [shutil.which("ray", path=bin_dir) or "ray", "start", "--block", "--node-ip-address", HOST, "--temp-dir",
+               str(out), "--num-cpus", str(cpus), "--dashboard-agent-listen-port", "0", "--disable-usage-stats", *args]
+        with open(out.with_suffix(".out"), "wb") as log_file:
+            info.pids.append(subprocess.Popen(cmd, env=env, stdin=subprocess.DEVNULL, stdout=log_file, stderr=log_file,
+                                              start_new_session=True).pid)
         info.save()  # from here on `stop` ends whatever this start leaves behind
-        return n
-
-    def wait_ready(n: int) -> None:  # `ray start --block` prints "block forever" once its node has joined
-        pid, out = info.pids[n], root / f"n{n}.out"
-        while "block forever" not in (text := out.read_text(errors="replace")):
-            if not _running(pid) or time.monotonic() > deadline:
-                raise RuntimeError(f"`ray start` {'timed out' if _running(pid) else 'failed'}; the end of {out}:\n"
-                                   + "\n".join(text.splitlines()[-15:]))
-            time.sleep(0.2)
 
     info.save()
     try:  # the head first, once it is up the workers (in parallel)
-        wait_ready(launch(cpus_per_node if head_cpus is None else head_cpus, "--head", "--port", str(port),
-                          "--dashboard-host", HOST, "--dashboard-port", str(dashboard_port),
-                          "--ray-client-server-port", str(_port(0, "--ray-client-server-port")), "--num-gpus", "0"))
-        for n in [launch(cpus_per_node, "--address", info.address) for _ in range(workers)]:
-            wait_ready(n)
-        _wait_registered(info, env, deadline)
+        launch(cpus_per_node if head_cpus is None else head_cpus, "--head", "--port", str(port), "--dashboard-host",
+               HOST, "--dashboard-port", str(dashboard_port), "--ray-client-server-port",
+               str(_port(0, "--ray-client-server-port")), "--num-gpus", "0")
+        _wait_for_nodes(info, env, deadline)
+        for _ in range(workers):
+            launch(cpus_per_node, "--address", info.address)
+        _wait_for_nodes(info, env, deadline)
     except BaseException:
         log.error("starting the cluster failed; stopping its nodes (logs kept in %s)", info.temp_root)
         stop_cluster(state_dir, keep_logs=bool(info.pids))
@@ -156,16 +147,22 @@ def start_cluster(workers: int, cpus_per_node: int = 1, state_dir: Path | str = 
     return info
 
 
-def _wait_registered(info: ClusterInfo, env: dict[str, str], deadline: float) -> None:
-    """Until `ray status` lists every node as active: a node's `ray start` is ready before the GCS's view of
-    the cluster (what the autoscaler, `ray status` and placement groups see) includes it."""
+def _wait_for_nodes(info: ClusterInfo, env: dict[str, str], deadline: float) -> None:
+    """Until `ray status` lists every node started as active (what the autoscaler and placement groups see, a
+    little after each `ray start` is up); RuntimeError with the end of its output when a node's process dies."""
     cmd = [shutil.which("ray", path=env["PATH"]) or "ray", "status", "--address", info.address]
     while time.monotonic() < deadline:
+        for n, pid in enumerate(info.pids):
+            if not _running(pid):
+                out = Path(info.temp_root) / f"n{n}.out"
+                raise RuntimeError(f"`ray start` failed; the end of {out}:\n"
+                                   + "\n".join(out.read_text(errors="replace").splitlines()[-15:]))
         shown = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=60).stdout
         if shown.partition("Active:")[2].partition("Pending:")[0].count("node_") >= len(info.pids):
             return
         time.sleep(0.5)
-    raise RuntimeError(f"the Ray cluster from {info.state_dir} did not list its {len(info.pids)} nodes in time")
+    raise RuntimeError(f"`ray start` timed out: the cluster from {info.state_dir} did not list its {len(info.pids)} "
+                       f"nodes in time; their output is in {info.temp_root}")
 
 
 def stop_cluster(state_dir: Path | str = DEFAULT_DIR, grace_s: float = 15.0, keep_logs: bool = False) -> ClusterInfo:
@@ -181,7 +178,7 @@ def stop_cluster(state_dir: Path | str = DEFAULT_DIR, grace_s: float = 15.0, kee
             time.sleep(0.1)
     if info.alive():
         raise RuntimeError(f"nodes of the cluster from {info.state_dir} still run: PIDs {info.alive()}")
-    for pid in info.pids:  # what a node left in its process group (Ray's: the `ray start` leads it), e.g. a worker
+    for pid in info.pids:  # what a node left in its process group (the `ray start` leads it), e.g. a worker
         with contextlib.suppress(ProcessLookupError):
             os.killpg(pid, signal.SIGKILL)
     if not keep_logs:
