@@ -504,6 +504,22 @@ def test_dali_evaluation_builds_its_pipeline_once_for_every_pass(corpus: Corpus,
     assert len(builds) == 2
 
 
+@needs_dali
+def test_dali_training_builds_one_pipeline_for_every_epoch(corpus: Corpus) -> None:
+    """Epochs differ (order, masks, crops) but share the pipeline: the host feeds each epoch's draws."""
+    kwargs = dict(train=True, augment=DROP_ONE, seed=4, crop=32, num_workers=2)
+    loader = make_loader(corpus.path, SPLIT, 4, backend="dali", **kwargs)
+    builds = []
+    make = loader.make_pipeline
+    loader.make_pipeline = lambda: builds.append(1) or make()
+    epochs = [list(loader) for _ in range(3)]
+    assert len(builds) == 1
+    for epoch, got in enumerate(epochs):
+        fresh = batches(corpus.path, "dali", epoch=epoch, **kwargs)
+        assert rows(got) == rows(fresh)
+        assert torch.equal(cat(got, "visual"), cat(fresh, "visual"))
+
+
 # ----------------------------------------------------------------------------------------------- on a GPU
 # Skipped without a CUDA device (CI has none); `pytest tests/test_loader.py -k gpu` on a GPU machine runs them.
 # nvJPEG and the GPU resize/FFT are not bit-identical to their CPU counterparts: the tolerances are those
