@@ -184,9 +184,10 @@ def measure(loader: Iterable[dict], repeats: int, warmup: int = 1) -> dict:
         firsts.append(first or 0.0)
         first_sizes.append(first_n)
     rates = [n / s for n, s in zip(counts, seconds)]
-    # after the first batch: what a long epoch approaches (a DALI training pipeline is built per epoch, which
-    # took 1 s, and 6 s for the CPU pipeline, on a 16-core H200 host)
-    steady = [(n - first_n) / (s - f) for n, s, f, first_n in zip(counts, seconds, firsts, first_sizes) if s > f]
+    # after the first batch: what a long epoch approaches (the first batch carries the start-up: workers, a
+    # pipeline's first decode; a DALI build took 1 s, 6 s for the CPU pipeline, on a 16-core H200 host)
+    steady = [(n - first_n) / (s - f) for n, s, f, first_n in zip(counts, seconds, firsts, first_sizes)
+              if s > f and n > first_n]  # an epoch of one batch has no rate after it
     return {"samples_per_s": round(statistics.median(rates), 2), "runs_samples_per_s": [round(r, 2) for r in rates],
             "steady_samples_per_s": round(statistics.median(steady), 2) if steady else None,
             "epoch_seconds": [round(s, 3) for s in seconds], "samples_per_epoch": counts[0],

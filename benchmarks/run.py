@@ -74,8 +74,8 @@ def make_profile(device: str, quick: bool, cores: int, gpus: int) -> Profile:
                        build_workers=[1, min(4, cores), cores] if cores > 4 else spread, loader_batch=64,
                        train_workers=list(range(1, gpus + 1)), epochs=2 if quick else 3,
                        step_batches=10 if quick else 30, tile=4 if quick else 8,
-                       # a DALI training pipeline is built per epoch (1 s on an H200 host, 6 s for the CPU one):
-                       # epochs of thousands of samples measure the GPU's rate, not the build. The CPU-bound peers
+                       # epochs of thousands of samples measure the GPU's rate, not the start-up (a DALI build took
+                       # 1 s on an H200 host, 6 s for the CPU pipeline, once per loader). The CPU-bound peers
                        # (raw decoding took 90 s of a 10-minute run there) are measured by the CPU profiles.
                        loader_tile=16, loader_only=["torch", "dali_cpu", "dali_gpu"],
                        step_batch_sizes=[256])
@@ -208,8 +208,8 @@ def loader_section(r: dict) -> list[str]:
                   f"{files['bytes'] / 2 ** 20:.1f} MiB of JPEG files and `.npy` arrays, {files['seconds']:.1f} s."]
     refs = [ref for ref in ("raw", "ogm", "floor") if ratios.get(f"over_{ref}")]
     if p.get("tile_dali_gpu", 1) > 1:
-        lines += ["", f"`dali_gpu` reads every shard {p['tile_dali_gpu']} times per epoch (a training pipeline is "
-                  "built per epoch; a short epoch would time the build, not the GPU). \"after first batch\" is the "
+        lines += ["", f"`dali_gpu` reads every shard {p['tile_dali_gpu']} times per epoch (a GPU's rate shows "
+                  "only over thousands of samples, beyond the start-up). \"after first batch\" is the "
                   "rate once the epoch's first batch is out: what a long epoch approaches."]
     lines += ["", "| loader | p | samples/s | after first batch | CPU-ms per sample | first batch s | vs p=0 | "
               + " | ".join(f"samples/s / {ref} | CPU-ms / {ref}" for ref in refs) + " |",

@@ -123,7 +123,9 @@ def test_the_loader_benchmark_reports_every_loader_against_the_research_loader_a
     assert set(results["targets"]) == {f"{n} CPU-ms/sample <= ogm (p={p})" for n in ("torch", "torch_logmel")
                                        for p in ("0", "0.3")}
     assert all(c["cpu_ms_per_sample"] > 0 for c in results["configs"].values())
+    # batches of 2: every epoch has a rate after its first batch
     assert all(c["steady_samples_per_s"] > 0 for c in results["configs"].values() if c["loader"] != "floor")
+    assert loader.measure([{"key": ["a", "b"]}], repeats=1, warmup=0)["steady_samples_per_s"] is None  # one batch
     table = run.loader_section(results)
     rows = [line for line in table if line.startswith(tuple(f"| {n} |" for n in names))]
     assert len(rows) == 2 * len(names)
