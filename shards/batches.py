@@ -104,8 +104,18 @@ class EpochLoader:
         self.start = 0  # training: the epoch's samples consumed before this loader's pass (a resume), all workers
 
     def __len__(self) -> int:
+        """The steps of the current epoch from `start` on: after a resize, the full batches of every worker
+        that the rest of the order holds (none when less than a step's samples is left: an uninterrupted
+        epoch drops such a tail too, and every worker must run the same number of steps)."""
+        if self.train and self.start:
+            return (self._total - self.start) // self.part.num_shards // self.batch_size
+        return self.steps_per_epoch
+
+    @property
+    def steps_per_epoch(self) -> int:
+        """The steps of a whole epoch (the same on every worker in training)."""
         if self.train:
-            return training_steps(self._total - self.start, self.part.num_shards, self.batch_size)
+            return training_steps(self._total, self.part.num_shards, self.batch_size)
         return -(-self._part_size // self.batch_size)
 
     def indices(self) -> np.ndarray:

@@ -272,15 +272,21 @@ class SampleFeed:
         labels = []
         for ref, flags in zip(batch, use):
             used = dict(zip(self.modalities, flags.tolist()))
-            for c, (ext, dtype) in enumerate(zip(self.layout.exts, self.layout.np_types)):
-                data = self.files.read(ref, ext) if used[self.member_modality[ext]] else b""
-                columns[c].append(np.frombuffer(data, dtype=dtype))
+            try:  # a tar cut short, or (without a recorded frame size) a first frame whose header does not parse
+                for c, (ext, dtype) in enumerate(zip(self.layout.exts, self.layout.np_types)):
+                    data = self.files.read(ref, ext) if used[self.member_modality[ext]] else b""
+                    columns[c].append(np.frombuffer(data, dtype=dtype))
+                if self.layout.window:
+                    window = self._window(ref, used["visual"], columns[0][-1])
+                labels.append(np.frombuffer(self.files.read(ref, "label.npy"), self.label_dtype,
+                                            offset=NPY_HEADER_BYTES))
+            except (OSError, ValueError) as err:
+                raise DecodeFailure(f"shard {ref.tar}: sample {ref.key} cannot be read ({err}); run `pipeline "
+                                    f"verify` and rebuild that shard") from err
             columns[len(self.layout.exts)].append(flags)
             if self.layout.window:
-                anchor, shape, mirror = self._window(ref, used["visual"], columns[0][-1])
-                for c, value in enumerate((anchor, shape, mirror), start=len(self.layout.exts) + 1):
+                for c, value in enumerate(window, start=len(self.layout.exts) + 1):
                     columns[c].append(value)
-            labels.append(np.frombuffer(self.files.read(ref, "label.npy"), self.label_dtype, offset=NPY_HEADER_BYTES))
         self.in_flight.append((batch, use, np.stack(labels)))
         return columns
 
@@ -344,6 +350,9 @@ class DaliLoader(EpochLoader):
             except StopIteration:
                 self._ended = True
                 return
+            except DecodeFailure:  # the source could not read a sample: it names it
+                self._pipe = None
+                raise
             except RuntimeError as exc:
                 self._pipe = None
                 raise DecodeFailure(self._locate_failure(exc)) from exc

@@ -405,6 +405,19 @@ def test_dali_names_shard_and_key_of_an_undecodable_member(corrupt_dir: tuple[Pa
     assert tar in str(err.value) and key in str(err.value) and "f1.jpg" in str(err.value)
 
 
+@needs_dali
+def test_dali_names_shard_and_key_of_a_tar_cut_short(corpus: Corpus, tmp_path: Path) -> None:
+    from shards.dali_loader import DecodeFailure
+
+    path = tmp_path / "kinetics_sound"
+    shutil.copytree(corpus.path, path)
+    ref = split_samples(path, read_dataset_info(path), SPLIT)[5]  # the first sample of its tar past the cut
+    with open(ref.tar, "r+b") as f:
+        f.truncate(ref.members["f1.jpg"][0] + 10)
+    with pytest.raises(DecodeFailure, match=f"shard {ref.tar}: sample {ref.key} cannot be read"):
+        batches(path, "dali", crop=32)
+
+
 @pytest.mark.parametrize("num_workers", [0, 2])
 def test_torch_names_shard_and_key_of_an_undecodable_sample(num_workers: int,
                                                             corrupt_dir: tuple[Path, str, str]) -> None:

@@ -206,6 +206,20 @@ def test_a_resume_inside_an_epoch_on_another_number_of_workers_sees_every_sample
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
+def test_a_resized_resume_with_less_than_a_step_left_ends_the_epoch_on_every_worker(backend: str,
+                                                                                   corpus: Corpus) -> None:
+    """2 samples left for 4 workers: no worker takes a step (DDP workers must all take the same number),
+    as an uninterrupted epoch drops its tail; the next epoch is whole again."""
+    n = len(corpus.train_keys)
+    state = {"epoch": 1, "batches_done": 0, "start": 0, "num_shards": 1, "batch_size": BATCH, "samples_done": n - 2}
+    for s in range(4):
+        loader = loader_of(corpus.path, backend, shard_id=s, num_shards=4)
+        loader.load_state_dict(state)
+        assert len(loader) == 0 and loader.steps_per_epoch == n // 4 // BATCH
+        assert list(loader) == [] and loader.epoch == 2 and len(loader) == n // 4 // BATCH
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
 def test_a_resume_on_the_same_workers_goes_on_exactly(backend: str, corpus: Corpus) -> None:
     whole = [b["key"] for b in loader_of(corpus.path, backend, epoch=2, shard_id=1, num_shards=2)]
     loader = loader_of(corpus.path, backend, epoch=2, shard_id=1, num_shards=2)

@@ -245,7 +245,7 @@ def train_loop_per_worker(loop_config: dict) -> None:
     tracker = None
     if rank == 0 and loop_config.get("metrics_path"):  # TensorBoard (and MLflow) beside metrics.jsonl
         tracker = Tracker(Path(loop_config["metrics_path"]).parent, stage.name, **dataclasses.asdict(config.track),
-                          start_epoch=start_epoch, steps_per_epoch=len(train_loader), params=loop_config["config"])
+                          start_epoch=start_epoch, steps_per_epoch=train_loader.steps_per_epoch, params=loop_config["config"])
 
     def save(metrics: dict, epochs_done: int, progress: dict | None = None) -> None:
         """A checkpoint of every rank (rank 0 writes the model), reported to Ray Train."""
@@ -289,7 +289,7 @@ def train_loop_per_worker(loop_config: dict) -> None:
                 save({"stage": stage.name, "epoch": epoch, "step": steps, "finished": False}, epoch,
                      {"steps": steps, "seen": seen, "wait": wait, "elapsed": before + tick - started,
                       "loss_sum": loss_sum.detach().cpu(), "world_size": world,
-                      "steps_per_epoch": len(train_loader)})
+                      "steps_per_epoch": train_loader.steps_per_epoch})
                 tick = time.perf_counter()
         scheduler.step()
         if stage.loss == "per_branch" and config.model.fusion == "concat":  # the UME ensemble as a concat layer
