@@ -73,7 +73,8 @@ def split_samples(dataset_dir: Path, info: DatasetInfo, split: str) -> list[Samp
 
 
 def shard_range(n: int, shard_id: int, num_shards: int) -> range:
-    """The contiguous part of n samples that worker `shard_id` of `num_shards` reads (DALI's rule)."""
+    """The contiguous part of n samples that worker `shard_id` of `num_shards` reads in evaluation (the rule
+    of DALI's readers)."""
     if not 0 <= shard_id < num_shards:
         raise ValueError(f"shard_id {shard_id} outside 0..{num_shards - 1}")
     return range(n * shard_id // num_shards, n * (shard_id + 1) // num_shards)
