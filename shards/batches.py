@@ -13,8 +13,10 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
+from shards.features import ModalityParams
 from shards.format import MODALITIES
-from shards.sample_refs import shard_range, training_steps
+from shards.masks import DropSpec, augment_keep, resolve_present
+from shards.sample_refs import SampleRef, shard_range, training_steps
 
 BACKENDS = ("auto", "dali", "torch")
 DEVICES = ("cpu", "gpu")
@@ -166,6 +168,23 @@ class EpochLoader:
 
     def _epoch_done(self) -> None:
         """Called when an epoch has run to its end, before the epoch counter moves on."""
+
+
+def present_flags(refs: list[SampleRef], indices: np.ndarray, params: ModalityParams, modalities: list[str], *,
+                  train: bool, augment: DropSpec | None, eval_keep: np.ndarray | None, seed: int,
+                  epoch: int) -> np.ndarray:
+    """bool [B, M]: which modalities each sample `refs[i]` (i in `indices`, split positions) is decoded with:
+    what its members hold, kept by the evaluation scenario's mask or the epoch's training draws (by key), and
+    in training never nothing of what it has. Both loaders decide with this, so they agree sample by sample."""
+    batch = [refs[i] for i in indices]
+    has = np.array([params.has(ref.members, modalities) for ref in batch], dtype=bool).reshape(len(batch), -1)
+    if eval_keep is not None:
+        keep = eval_keep[indices]
+    elif train and augment is not None and augment.active:
+        keep = augment_keep([ref.key for ref in batch], modalities, augment, seed, epoch)
+    else:
+        keep = np.ones_like(has)
+    return resolve_present(has, keep, never_all=train)
 
 
 def assemble_batch(tensors: dict[str, torch.Tensor], present: torch.Tensor | np.ndarray, labels: np.ndarray,

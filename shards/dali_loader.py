@@ -47,10 +47,10 @@ from nvidia.dali import Pipeline, fn, pipeline_def, types
 from nvidia.dali.backend import TensorListCPU
 from PIL import Image
 
-from shards.batches import EpochLoader, LoaderOptions, WorkerPart, assemble_batch
+from shards.batches import EpochLoader, LoaderOptions, WorkerPart, assemble_batch, present_flags
 from shards.features import DB_OFFSET, DB_SCALE, ModalityParams, crop_rng, modality_params, training_window
 from shards.format import MODALITIES, NPY_HEADER_BYTES, DatasetInfo, frame_member
-from shards.masks import DropSpec, augment_keep, resolve_present
+from shards.masks import DropSpec
 from shards.members import ShardFiles, check_member
 from shards.sample_refs import FrameSizeError, SampleRef
 
@@ -70,27 +70,31 @@ class FeedLayout:
     the flip."""
 
     exts: list[str]
+    ext_modalities: list[str]  # the modality each member belongs to
     dali_types: list[types.DALIDataType]
     np_types: list[type]
     window: bool  # training frames: anchor, shape, mirror follow the flags
 
     @classmethod
     def of(cls, params: ModalityParams, train: bool) -> FeedLayout:
-        exts, dali_types, np_types = [], [], []
+        exts, owners, dali_types, np_types = [], [], [], []
         if params.visual is not None:
             exts += [frame_member(i) for i in range(params.visual.frames)]
+            owners += ["visual"] * params.visual.frames
             dali_types += [types.UINT8] * params.visual.frames
             np_types += [np.uint8] * params.visual.frames
         if params.audio is not None or params.spectrogram is not None:
             exts.append(params.audio_member)
+            owners.append("audio")
             dali, numpy = (types.UINT8, np.uint8) if params.spectrogram is None else STORED_DTYPES[params.spectrogram.dtype]
             dali_types.append(dali)
             np_types.append(numpy)
         if params.text is not None:
             exts.append(params.text.member)
+            owners.append("text")
             dali_types.append(types.INT32)
             np_types.append(np.int32)
-        return cls(exts, dali_types, np_types, train and params.visual is not None)
+        return cls(exts, owners, dali_types, np_types, train and params.visual is not None)
 
     def source_types(self) -> list[types.DALIDataType]:
         return [*self.dali_types, types.BOOL, *([types.FLOAT, types.FLOAT, types.INT32] if self.window else [])]
@@ -233,17 +237,11 @@ class SampleFeed:
         self.info, self.refs, self.params, self.layout = info, refs, params, layout
         self.train, self.augment, self.eval_keep, self.seed, self.options = train, augment, eval_keep, seed, options
         self.modalities = list(info.modalities)
-        self.member_modality = {ext: self._modality_of(ext) for ext in layout.exts}
         self.label_dtype = np.float32 if info.multilabel else np.int64
         self.files = ShardFiles()
         self.pending: deque[np.ndarray] = deque()  # split indices of the batches still to hand to DALI
         self.in_flight: deque[tuple[list[SampleRef], np.ndarray, np.ndarray]] = deque()  # (refs, use, labels)
         self.epoch = 0
-
-    def _modality_of(self, ext: str) -> str:
-        if ext.startswith("f") and ext.endswith(".jpg"):
-            return "visual"
-        return "text" if self.params.text is not None and ext == self.params.text.member else "audio"
 
     def load(self, indices: np.ndarray, batch_size: int, epoch: int) -> None:
         """The next pass: these split indices, in this order, in batches (the last one may be short)."""
@@ -259,22 +257,16 @@ class SampleFeed:
             raise StopIteration
         indices = self.pending.popleft()
         batch = [self.refs[i] for i in indices.tolist()]
-        has = np.array([self.params.has(ref.members, self.modalities) for ref in batch])
-        keys = [ref.key for ref in batch]
-        if self.eval_keep is not None:
-            keep = self.eval_keep[indices]
-        elif self.train and self.augment is not None and self.augment.active:
-            keep = augment_keep(keys, self.modalities, self.augment, self.seed, self.epoch)
-        else:
-            keep = np.ones_like(has)
-        use = resolve_present(has, keep, never_all=self.train)
+        use = present_flags(self.refs, indices, self.params, self.modalities, train=self.train,
+                            augment=self.augment, eval_keep=self.eval_keep, seed=self.seed, epoch=self.epoch)
         columns: list[list[np.ndarray]] = [[] for _ in self.layout.source_types()]
         labels = []
         for ref, flags in zip(batch, use):
             used = dict(zip(self.modalities, flags.tolist()))
             try:  # a tar cut short, or (without a recorded frame size) a first frame whose header does not parse
-                for c, (ext, dtype) in enumerate(zip(self.layout.exts, self.layout.np_types)):
-                    data = self.files.read(ref, ext) if used[self.member_modality[ext]] else b""
+                for c, (ext, owner, dtype) in enumerate(zip(self.layout.exts, self.layout.ext_modalities,
+                                                            self.layout.np_types)):
+                    data = self.files.read(ref, ext) if used[owner] else b""
                     columns[c].append(np.frombuffer(data, dtype=dtype))
                 if self.layout.window:
                     window = self._window(ref, used["visual"], columns[0][-1])
@@ -390,18 +382,15 @@ class DaliLoader(EpochLoader):
         of the batches handed to DALI and not yet returned."""
         for refs, _, _ in self.feed.in_flight:
             for ref in refs:
-                with open(ref.tar, "rb") as f:
-                    for ext, (offset, size) in ref.members.items():
-                        f.seek(offset)
-                        data = f.read(size)
-                        try:
-                            got = check_member(ext, data)
-                        except Exception as err:  # the first member that fails is the culprit
-                            return (f"shard {ref.tar}: sample {ref.key} member .{ext} does not decode ({err}); "
-                                    f"run `pipeline verify` and rebuild that shard")
-                        if got is not None and ref.frame_size is not None and got != ref.frame_size:
-                            return (f"shard {ref.tar}: sample {ref.key} {FrameSizeError(ext, got, ref.frame_size)}; "
-                                    f"run `pipeline verify` and rebuild that shard")
+                for ext in ref.members:
+                    try:
+                        got = check_member(ext, self.feed.files.read(ref, ext))
+                    except Exception as err:  # the first member that fails is the culprit
+                        return (f"shard {ref.tar}: sample {ref.key} member .{ext} does not decode ({err}); "
+                                f"run `pipeline verify` and rebuild that shard")
+                    if got is not None and ref.frame_size is not None and got != ref.frame_size:
+                        return (f"shard {ref.tar}: sample {ref.key} {FrameSizeError(ext, got, ref.frame_size)}; "
+                                f"run `pipeline verify` and rebuild that shard")
         return f"DALI pipeline failed and no member fails to decode on its own: {str(exc).splitlines()[0]}"
 
 

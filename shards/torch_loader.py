@@ -27,7 +27,7 @@ import torch
 from PIL import Image, JpegImagePlugin  # noqa: F401  (the JPEG plugin loaded before the workers fork)
 from torch.utils.data import DataLoader, Dataset, Sampler, default_collate
 
-from shards.batches import EpochLoader, LoaderOptions, WorkerPart, assemble_batch
+from shards.batches import EpochLoader, LoaderOptions, WorkerPart, assemble_batch, present_flags
 from shards.features import (
     ModalityParams,
     VisualParams,
@@ -38,7 +38,7 @@ from shards.features import (
     training_window,
 )
 from shards.format import MODALITIES, NPY_HEADER_BYTES, DatasetInfo, frame_member, npy_payload
-from shards.masks import DropSpec, augment_keep, resolve_present
+from shards.masks import DropSpec
 from shards.members import ShardFiles, decode_audio_member
 from shards.sample_refs import FrameSizeError, SampleRef
 
@@ -145,14 +145,8 @@ class ShardSamples(Dataset):
     def __getitem__(self, item: tuple[int, int]) -> dict | None:
         i, epoch = item
         ref = self.refs[i]
-        has = np.array([self.params.has(ref.members, self.modalities)])
-        if self.eval_keep is not None:
-            keep = self.eval_keep[i:i + 1]
-        elif self.train and self.augment is not None and self.augment.active:
-            keep = augment_keep([ref.key], self.modalities, self.augment, self.seed, epoch)
-        else:
-            keep = np.ones_like(has)
-        present = resolve_present(has, keep, never_all=self.train)[0]
+        present = present_flags(self.refs, np.array([i]), self.params, self.modalities, train=self.train,
+                                augment=self.augment, eval_keep=self.eval_keep, seed=self.seed, epoch=epoch)[0]
         try:
             return self._decode(ref, dict(zip(self.modalities, present)), epoch)
         except Exception as exc:  # any decoder error: name where, then raise or skip
